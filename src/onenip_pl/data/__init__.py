@@ -1,0 +1,1 @@
+"""Data: records, readers, image decoding, anomaly synthesis and the demo set."""
