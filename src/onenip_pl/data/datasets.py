@@ -1,0 +1,210 @@
+"""Torch datasets that turn records into training triplets and test samples."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from onenip_pl.data.image_io import read_mask, read_rgb
+from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.synthesis import AnomalySynthesizer
+from onenip_pl.errors import DataError
+
+
+def load_image(path, image_size: int) -> np.ndarray:
+    """Decode an image and resize it bilinearly to image_size × image_size (uint8 RGB)."""
+    image = read_rgb(path)
+    if image.shape[0] != image_size or image.shape[1] != image_size:
+        image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    return image
+
+
+def load_mask(path, image_size: int) -> np.ndarray:
+    """Decode a mask, resize it with nearest neighbour and binarise it (float32 0/1)."""
+    mask = read_mask(path).astype(np.uint8)
+    if mask.shape[0] != image_size or mask.shape[1] != image_size:
+        mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
+    return (mask > 0).astype(np.float32)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 → 3×H×W float in [0, 1] (the model normalises itself)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def normal_train_index(records: Sequence[ImageRecord]) -> dict[str, list[int]]:
+    """Indices of the normal training images of each category: the prompt pool."""
+    pool: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        if record.split == "train" and record.is_normal:
+            pool[record.category].append(index)
+    return dict(pool)
+
+
+class ImageSource:
+    """Loads resized images by record index, optionally keeping them in memory.
+
+    The memory cache decodes each file once; later epochs reuse the resized
+    array instead of decoding a full-size PNG/JPEG/BMP again.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], image_size: int, cache: bool = False) -> None:
+        self.records = list(records)
+        self.image_size = image_size
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> np.ndarray:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image = load_image(self.records[index].path, self.image_size)
+        if self._cache is not None:
+            self._cache[index] = image
+        return image
+
+
+class TrainTripletDataset(Dataset):
+    """Yields (query, prompt, synthetic anomaly, synthetic mask, category) for each normal training image.
+
+    The prompt is another normal training image of the same category, drawn at
+    random (it may be the query itself, as in the authors' code). Randomness
+    comes from torch's generator of the process (seeded per worker and rank by
+    Lightning), mixed with the sample index and the rank so that ranks differ.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        synthesizer: AnomalySynthesizer,
+        rank: int = 0,
+        fallback_textures: Sequence[np.ndarray] | None = None,
+    ) -> None:
+        self.source = source
+        self.synthesizer = synthesizer
+        self.rank = rank
+        self.fallback_textures = fallback_textures
+        self.prompt_pool = normal_train_index(source.records)
+        self.indices = [i for idx in self.prompt_pool.values() for i in idx]
+        if not self.indices:
+            raise DataError("the training set holds no normal images; check data.root and data.categories")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict:
+        index = self.indices[item]
+        record = self.source.records[index]
+        draw = int(torch.randint(0, 2**62, (1,)).item())
+        rng = np.random.default_rng([draw, index, self.rank])
+        prompt_index = int(rng.choice(self.prompt_pool[record.category]))
+        query = self.source.image(index)
+        prompt = self.source.image(prompt_index)
+        synthetic, mask = self.synthesizer(query, rng, fallback_textures=self.fallback_textures)
+        return {
+            "query": to_tensor(query),
+            "prompt": to_tensor(prompt),
+            "synthetic": to_tensor(synthetic),
+            "synthetic_mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
+            "category": record.category,
+        }
+
+
+class PromptedImageDataset(Dataset):
+    """Yields (image, prompt, mask, label, category, path) for evaluation and calibration.
+
+    Prompts are fixed per sample: for ``prompt_mode="random"`` a seeded draw
+    from the category's normal training images (same seed, same prompts), for
+    ``"first"`` the first normal training image of the category.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        prompt_source: ImageSource,
+        image_size: int,
+        seed: int,
+        prompt_mode: str = "random",
+    ) -> None:
+        if prompt_mode not in ("random", "first"):
+            raise DataError(f"unknown prompt mode {prompt_mode!r}; use 'random' or 'first'")
+        self.records = list(records)
+        self.prompt_source = prompt_source
+        self.image_size = image_size
+        pool = normal_train_index(prompt_source.records)
+        self.prompt_indices: list[int] = []
+        for item, record in enumerate(self.records):
+            candidates = pool.get(record.category)
+            if not candidates:
+                raise DataError(
+                    f"category {record.category!r} has test images but no normal training image to use "
+                    "as a prompt; add train/good images for it"
+                )
+            if prompt_mode == "first":
+                self.prompt_indices.append(candidates[0])
+            else:
+                self.prompt_indices.append(int(np.random.default_rng([seed, item]).choice(candidates)))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: int) -> dict:
+        record = self.records[item]
+        image = load_image(record.path, self.image_size)
+        if record.mask_path is not None:
+            mask = load_mask(record.mask_path, self.image_size)
+        else:
+            mask = np.zeros((self.image_size, self.image_size), dtype=np.float32)
+        return {
+            "image": to_tensor(image),
+            "prompt": to_tensor(self.prompt_source.image(self.prompt_indices[item])),
+            "mask": torch.from_numpy(mask)[None],
+            "label": torch.tensor(record.label, dtype=torch.long),
+            "category": record.category,
+            "path": str(record.path),
+        }
+
+
+class SyntheticValidationDataset(Dataset):
+    """Held-out normal images (label 0) followed by one fixed synthetic anomaly of each (label 1).
+
+    A validation set that needs no real defect: it serves model selection,
+    hyper-parameter search and calibration without touching the test set.
+    Each synthetic anomaly is drawn from a generator seeded by (seed, index),
+    so the set is the same at every epoch and on every device count.
+    """
+
+    def __init__(
+        self,
+        normal: PromptedImageDataset,
+        synthesizer: AnomalySynthesizer,
+        seed: int,
+    ) -> None:
+        self.normal = normal
+        self.synthesizer = synthesizer
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2 * len(self.normal)
+
+    def __getitem__(self, item: int) -> dict:
+        count = len(self.normal)
+        sample = self.normal[item % count]
+        if item < count:
+            return sample
+        image = (sample["image"].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+        rng = np.random.default_rng([self.seed, item])
+        synthetic, mask = self.synthesizer(image, rng)
+        return {
+            **sample,
+            "image": to_tensor(synthetic),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
+            "label": torch.tensor(1, dtype=torch.long),
+            "path": f"{sample['path']}#synthetic",
+        }

@@ -1,0 +1,230 @@
+"""OneNIPDataModule: one unified training set over many categories, triplets for training,
+prompted test samples for evaluation."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from onenip_pl.data.check import check_dataset
+from onenip_pl.data.datasets import (
+    ImageSource,
+    PromptedImageDataset,
+    SyntheticValidationDataset,
+    TrainTripletDataset,
+    normal_train_index,
+)
+from onenip_pl.data.demo import generate_demo_dataset
+from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.samplers import EvalShardSampler, TrainShardSampler
+from onenip_pl.data.synthesis import AnomalySynthesizer, describe_texture_source, find_textures
+from onenip_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class OneNIPDataModule(LightningDataModule):
+    """Reads a data set once, validates it, and serves training triplets and prompted test images.
+
+    ``dataset`` names a reader (``mvtec``, ``visa``, ``btad``, ``mvtec_visa_btad``,
+    ``folder``) or ``demo``, which writes the seeded demo set under ``root``
+    on first use and reads it in MVTec AD layout.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "demo",
+        root: str | Mapping[str, str] = "data/demo",
+        categories: Sequence[str] | None = None,
+        image_size: int = 224,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        texture_dir: str | None = None,
+        seed: int = 133,
+        balance_categories: bool = False,
+        test_prompt: str = "random",
+        val_fraction: float = 0.0,
+        calibration_images_per_category: int = 16,
+        cache_images: bool = False,
+        check_decode: bool = False,
+        demo_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size % 16 != 0 or image_size <= 0:
+            raise ConfigError(
+                f"data.image_size={image_size} must be a positive multiple of 16 (e.g. 224, 256)"
+            )
+        if batch_size <= 0:
+            raise ConfigError(f"data.batch_size={batch_size} must be positive")
+        self.save_hyperparameters(logger=False)
+        self.dataset = dataset
+        self.root = root
+        self.categories = list(categories) if categories else None
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.texture_dir = texture_dir
+        self.seed = seed
+        self.balance_categories = balance_categories
+        self.test_prompt = test_prompt
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        self.val_fraction = val_fraction
+        self.calibration_images_per_category = calibration_images_per_category
+        self.cache_images = cache_images
+        self.check_decode = check_decode
+        self.demo_seed = demo_seed
+        self.records: list[ImageRecord] = []
+        self.val_records: list[ImageRecord] = []
+        self.train_source: ImageSource | None = None
+
+    @property
+    def reader_name(self) -> str:
+        return "mvtec" if self.dataset == "demo" else self.dataset
+
+    def prepare_data(self) -> None:
+        """Write the demo data set on first use (rank zero only, as Lightning calls it)."""
+        if self.dataset == "demo":
+            generate_demo_dataset(self._single_root(), seed=self.demo_seed)
+
+    def _single_root(self) -> Path:
+        if isinstance(self.root, Mapping):
+            raise ConfigError(f"data.root must be one directory for data.dataset={self.dataset!r}")
+        return Path(self.root).expanduser()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.records:
+            return
+        if self.dataset == "demo":
+            self.prepare_data()
+        root = self.root if isinstance(self.root, Mapping) else self._single_root()
+        report = check_dataset(self.reader_name, root, self.categories, decode=self.check_decode)
+        self.records = list(report.records)
+        train, self.val_records = self._hold_out_validation([r for r in self.records if r.split == "train"])
+        self.train_source = ImageSource(train, self.image_size, cache=self.cache_images)
+        log.info(
+            "Data: %s at %s, %d categories, %d training, %d validation and %d test images",
+            self.dataset,
+            root,
+            len(self.category_names),
+            len(train),
+            len(self.val_records),
+            len(self.test_records),
+        )
+
+    def _hold_out_validation(self, train: list[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
+        """Move a seeded fraction of each category's normal training images to a validation split."""
+        if self.val_fraction == 0.0:
+            return train, []
+        by_category: dict[str, list[int]] = defaultdict(list)
+        for index, record in enumerate(train):
+            by_category[record.category].append(index)
+        held: set[int] = set()
+        for _, indices in sorted(by_category.items()):
+            count = min(len(indices) - 1, max(1, round(self.val_fraction * len(indices))))
+            rng = np.random.default_rng([self.seed, len(indices)])
+            held.update(int(i) for i in rng.choice(indices, size=count, replace=False))
+        return [r for i, r in enumerate(train) if i not in held], [
+            r for i, r in enumerate(train) if i in held
+        ]
+
+    @property
+    def category_names(self) -> list[str]:
+        return sorted({r.category for r in self.records})
+
+    @property
+    def test_records(self) -> list[ImageRecord]:
+        return [r for r in self.records if r.split == "test"]
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset, batch_size: int, sampler, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=drop_last,
+        )
+
+    def build_synthesizer(self) -> AnomalySynthesizer:
+        textures = find_textures(self.texture_dir) if self.texture_dir else None
+        log.info("Anomaly synthesis textures: %s", describe_texture_source(textures, None, self.texture_dir))
+        return AnomalySynthesizer(self.image_size, texture_paths=textures)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = TrainTripletDataset(self.train_source, self.build_synthesizer(), rank=rank)
+        categories = [self.train_source.records[i].category for i in dataset.indices]
+        sampler = TrainShardSampler(categories, self.seed, rank, world, self.balance_categories)
+        return self._loader(dataset, self.batch_size, sampler, drop_last=len(sampler) >= self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._prompted_loader(self.test_records)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out normal images and their synthetic anomalies (empty without data.val_fraction)."""
+        if not self.val_records:
+            return []
+        rank, world = self._rank_and_world()
+        normal = PromptedImageDataset(
+            self.val_records, self.train_source, self.image_size, self.seed, "first"
+        )
+        dataset = SyntheticValidationDataset(normal, self.build_synthesizer(), self.seed)
+        return self._loader(dataset, self.eval_batch_size, EvalShardSampler(len(dataset), rank, world))
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Normal images with prompts for fixing the fusion scale before testing.
+
+        Held-out validation normals when there are any (unseen in training, like
+        test normals), otherwise the first normal training images of each category.
+        """
+        per_category: dict[str, list[ImageRecord]] = {}
+        for record in self.val_records or self.train_source.records:
+            chosen = per_category.setdefault(record.category, [])
+            if record.is_normal and len(chosen) < self.calibration_images_per_category:
+                chosen.append(record)
+        return self._prompted_loader([r for chosen in per_category.values() for r in chosen])
+
+    def prompt_bank_images(self, per_category: int) -> dict[str, torch.Tensor]:
+        """The first ``per_category`` normal training images of each category (K×3×S×S uint8)."""
+        pool = normal_train_index(self.train_source.records)
+        return {
+            category: torch.stack(
+                [
+                    torch.from_numpy(self.train_source.image(i)).permute(2, 0, 1)
+                    for i in indices[:per_category]
+                ]
+            )
+            for category, indices in sorted(pool.items())
+        }
+
+    def _prompted_loader(self, records: list[ImageRecord]) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = PromptedImageDataset(
+            records, self.train_source, self.image_size, self.seed, self.test_prompt
+        )
+        return self._loader(dataset, self.eval_batch_size, EvalShardSampler(len(dataset), rank, world))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"categories": self.category_names}
