@@ -17,17 +17,26 @@ import argparse
 import functools
 import json
 import math
-import platform
+import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from onenip_pl.metrics import ALL_METRICS, DEFAULT_NUM_BINS, CategoryData, compute_category_metrics
+from onenip_pl.metrics import (
+    ALL_METRICS,
+    DEFAULT_NUM_BINS,
+    AnomalyMetrics,
+    CategoryData,
+    MetricUndefinedWarning,
+    compute_category_metrics,
+)
 
 # (normal, anomalous) test images per MVTec AD category.
 MVTEC_TEST_COUNTS: dict[str, tuple[int, int]] = {
@@ -125,10 +134,24 @@ def _smooth_noise(size: int, cells: int, generator: torch.Generator) -> Tensor:
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[0, 0]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Fastest wall-clock and fastest process CPU time (all threads) over the repeats, in seconds.
+
+    On a machine shared with other jobs the wall time grows with the load; the CPU time does not.
+    """
+
+    wall: float
+    cpu: float
+
+    def __str__(self) -> str:
+        return f"{self.wall:6.2f} s wall  {self.cpu:6.2f} s cpu"
+
+
 def time_suite(
     data: dict[str, CategoryData], metrics: tuple[str, ...], binned: bool, num_bins: int, repeats: int
-) -> tuple[float, dict[str, dict[str, float]]]:
-    """Fastest wall time over ``repeats`` runs of all categories, and the values of the last run."""
+) -> tuple[Timing, dict[str, dict[str, float]]]:
+    """Timing of ``repeats`` runs over all categories, and the values of the last run."""
     def run() -> dict[str, dict[str, float]]:
         return {
             name: compute_category_metrics(
@@ -141,13 +164,32 @@ def time_suite(
     return _fastest(run, repeats)
 
 
-def _fastest(function: Callable[[], dict], repeats: int) -> tuple[float, dict]:
-    times, result = [], {}
+def time_metric_object(data: dict[str, CategoryData], batch_size: int, repeats: int) -> Timing:
+    """Timing of feeding the set to :class:`AnomalyMetrics` in batches and computing it."""
+    def run() -> dict:
+        metric = AnomalyMetrics()
+        for name, d in data.items():
+            for start in range(0, len(d.image_labels), batch_size):
+                rows = slice(start, start + batch_size)
+                metric.update(
+                    d.image_scores[rows], d.image_labels[rows], d.anomaly_maps[rows], d.masks[rows],
+                    [name] * len(d.image_labels[rows]),
+                )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MetricUndefinedWarning)
+            return metric.compute()
+
+    return _fastest(run, repeats)[0]
+
+
+def _fastest(function: Callable[[], dict], repeats: int) -> tuple[Timing, dict]:
+    walls, cpus, result = [], [], {}
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = function()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return Timing(min(walls), min(cpus)), result
 
 
 def sklearn_differences(
@@ -189,17 +231,21 @@ def main() -> None:
         f"synthetic set: {num_maps} maps of {args.size} px in {len(data)} categories, "
         f"{anomalous:.2%} anomalous pixels (built in {time.perf_counter() - started:.1f} s)"
     )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    load = os.getloadavg()[0]
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores, load average {load:.1f}")
 
     per_metric = {m: time_suite(data, (m,), False, args.num_bins, args.repeats)[0] for m in ALL_METRICS}
     exact_total, exact = time_suite(data, ALL_METRICS, False, args.num_bins, args.repeats)
     binned_total, binned = time_suite(data, ALL_METRICS, True, args.num_bins, args.repeats)
+    metric_object_total = time_metric_object(data, 32, args.repeats)
 
     print("\nexact, seconds for all categories (each metric alone; together they share one sort):")
-    for name, seconds in per_metric.items():
-        print(f"  {name:<12} {seconds:6.2f}")
-    print(f"  {'all 7':<12} {exact_total:6.2f}")
-    print(f"binned ({args.num_bins} thresholds), all 7: {binned_total:.2f} s")
+    for name, timing in per_metric.items():
+        print(f"  {name:<12} {timing}")
+    print(f"  {'all 7':<12} {exact_total}")
+    print(f"binned ({args.num_bins} thresholds), all 7: {binned_total}")
+    print(f"AnomalyMetrics, update in batches of 32 + compute (exact, all 7): {metric_object_total}")
     mean_exact = {m: statistics.fmean(v[m] for v in exact.values()) for m in ALL_METRICS}
     binned_error = {m: max(abs(binned[c][m] - exact[c][m]) for c in exact) for m in ALL_METRICS}
     print("\nmean over categories (exact) and largest |binned - exact| per category:")
@@ -209,11 +255,13 @@ def main() -> None:
     report = {
         "maps": num_maps,
         "size": args.size,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "load_average_1min": load,
         "anomalous_pixel_fraction": anomalous,
-        "exact_seconds_per_metric": per_metric,
-        "exact_seconds_all": exact_total,
-        "binned_seconds_all": binned_total,
+        "exact_seconds_per_metric": {name: asdict(timing) for name, timing in per_metric.items()},
+        "exact_seconds_all": asdict(exact_total),
+        "binned_seconds_all": asdict(binned_total),
+        "anomaly_metrics_update_and_compute_seconds": asdict(metric_object_total),
         "num_bins": args.num_bins,
         "mean_exact": mean_exact,
         "max_binned_error": binned_error,

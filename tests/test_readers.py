@@ -109,6 +109,15 @@ def test_mvtec_defective_image_without_mask_is_named(tmp_path):
     )
 
 
+def test_mvtec_insists_on_the_mask_suffix_where_the_folder_reader_does_not(tmp_path):
+    make_mvtec_tree(tmp_path, ("bottle",), defects={"crack": 1})
+    gt = tmp_path / "bottle" / "ground_truth" / "crack"
+    (gt / "000_mask.png").rename(gt / "000.png")
+    with pytest.raises(DataError, match=r"000.png has no mask: expected 000_mask.png"):
+        read_dataset("mvtec", tmp_path)
+    assert [r.mask_path for r in read_dataset("folder", tmp_path) if r.label] == [gt / "000.png"]
+
+
 def test_mvtec_reports_every_structural_problem_at_once(tmp_path):
     make_mvtec_tree(tmp_path, ("bottle", "grid"))
     base = tmp_path / "bottle"

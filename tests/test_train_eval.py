@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
+from wandb_records import logged_values, run_config
 
 from onenip_pl.config import compose
 from onenip_pl.errors import ConfigError, DataError
@@ -93,11 +94,18 @@ def test_wandb_offline_run_holds_logged_metrics(tiny_demo_root: Path, tmp_path: 
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline W&B run under {tmp_path}, found {runs}"
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    logged = logged_values(runs[0])
     report = _read_metrics(tmp_path)
     for name in METRICS:
-        assert summary[f"test/{name}"] == pytest.approx(report["mean"][name])
-    assert "train/total_step" in summary or "train/total_epoch" in summary
+        assert logged[f"test/{name}"] == [pytest.approx(report["mean"][name], rel=1e-6)]
+    category = next(iter(report["per_category"]))
+    assert logged[f"test/{category}/image_AUROC"] == [
+        pytest.approx(report["per_category"][category]["image_AUROC"], rel=1e-6)
+    ]
+    assert len(logged["train/total_step"]) >= 1
+    config = run_config(runs[0])
+    assert config["model"]["hidden_dim"] == 32
+    assert config["data"]["image_size"] == 64
 
 
 def _copy_tree(src: Path, dst: Path) -> Path:

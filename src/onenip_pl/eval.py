@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from onenip_pl.config import config_dir
 from onenip_pl.errors import ConfigError, OneNIPError
 from onenip_pl.lightning.module import OneNIPModule
-from onenip_pl.utils.instantiate import instantiate_loggers
+from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from onenip_pl.utils.run import finish_loggers, report_results
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             model.net.image_size,
             cfg.data.image_size,
         )
-    datamodule = hydra.utils.instantiate(cfg.data, image_size=model.net.image_size)
+    datamodule = instantiate(cfg.data, image_size=model.net.image_size)
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.test(model=model, datamodule=datamodule)
     report_results(model.test_results, Path(cfg.paths.output_dir), loggers)
     finish_loggers(loggers)

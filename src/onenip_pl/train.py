@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from onenip_pl.config import config_dir
 from onenip_pl.errors import OneNIPError
-from onenip_pl.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from onenip_pl.utils.run import finish_loggers, report_results
 from onenip_pl.utils.sweep import write_job_metrics
 
@@ -36,13 +36,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
 
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate(cfg.data)
     log.info("Instantiating model <%s>", cfg.model._target_)
-    model = hydra.utils.instantiate(cfg.model)
+    model = instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -69,7 +69,7 @@ def sweep_exact(scores: Tensor, labels: Tensor, positive_weights: Tensor | None 
     group_ends = _ends_of_equal_runs(positive_keys)
     group_keys = positive_keys[group_ends]
     positives_through_group = group_ends + 1
-    positives_before_group = torch.cat([positives_through_group.new_zeros(1), positives_through_group[:-1]])
+    positives_before_group = torch.cat([positives_through_group.new_zeros(1), positives_through_group])[:-1]
     negatives_at_or_above = torch.searchsorted(negative_keys, group_keys, right=True)
     negatives_above = torch.searchsorted(negative_keys, group_keys, right=False)
 

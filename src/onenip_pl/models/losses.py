@@ -12,14 +12,20 @@ def dice_loss(refiner_logit: Tensor, masks: Tensor, smooth: float = 1.0) -> Tens
     prediction = torch.sigmoid(refiner_logit.float()).flatten(1)
     target = masks.float().flatten(1)
     if prediction.shape != target.shape:
-        raise ValueError(f"refiner logits {tuple(refiner_logit.shape)} and masks {tuple(masks.shape)} differ.")
+        raise ValueError(
+            f"refiner logits {tuple(refiner_logit.shape)} and masks {tuple(masks.shape)} differ."
+        )
     overlap = (prediction * target).sum(dim=1) + smooth
     total = (prediction.square() + target.square()).sum(dim=1) + smooth
     return (1.0 - overlap / total).mean()
 
 
 def onenip_loss(
-    reconstruction: Tensor, target_features: Tensor, refiner_logit: Tensor, masks: Tensor, dice_weight: float = 0.5
+    reconstruction: Tensor,
+    target_features: Tensor,
+    refiner_logit: Tensor,
+    masks: Tensor,
+    dice_weight: float = 0.5,
 ) -> dict[str, Tensor]:
     """MSE(reconstruction, clean target features) + dice_weight * Dice(sigmoid(logit), masks)."""
     with torch.autocast(device_type=reconstruction.device.type, enabled=False):

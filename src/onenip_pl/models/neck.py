@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 
 class Neck(nn.Module):
-    """Bilinear resize with align_corners=True (the authors' UpsamplingBilinear2d) and channel concatenation."""
+    """Bilinear resize, align_corners=True (the authors' UpsamplingBilinear2d), then channel concatenation."""
 
     def __init__(self, feature_size: int) -> None:
         super().__init__()

@@ -17,7 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from onenip_pl.errors import CheckpointError
-from onenip_pl.models.backbone import EFFICIENTNET_B4_STAGE_DEPTHS, check_state_dict, efficientnet_pytorch_to_timm
+from onenip_pl.models.backbone import (
+    EFFICIENTNET_B4_STAGE_DEPTHS,
+    check_state_dict,
+    efficientnet_pytorch_to_timm,
+)
 
 _ATTENTION = r"(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
 _AFFINE = r"(weight|bias)"
@@ -43,14 +47,23 @@ _RECONSTRUCTION_RULES: list[tuple[re.Pattern, str | Callable[[re.Match], str]]] 
         (rf"{_ENCODER}\.linear2\.{_AFFINE}", r"reconstructor.encoder.layers.\1.ffn_out.\2"),
         (rf"{_ENCODER}\.norm1\.{_AFFINE}", r"reconstructor.encoder.layers.\1.attn_norm.\2"),
         (rf"{_ENCODER}\.norm2\.{_AFFINE}", r"reconstructor.encoder.layers.\1.ffn_norm.\2"),
-        (rf"{_DECODER}\.cross_attn_prompt_to_image\.{_ATTENTION}", r"reconstructor.decoder.layers.\1.prompt_attn.\2"),
-        (rf"{_DECODER}\.cross_attn_image_to_prompt\.{_ATTENTION}", r"reconstructor.decoder.layers.\1.query_attn.\2"),
+        (
+            rf"{_DECODER}\.cross_attn_prompt_to_image\.{_ATTENTION}",
+            r"reconstructor.decoder.layers.\1.prompt_attn.\2",
+        ),
+        (
+            rf"{_DECODER}\.cross_attn_image_to_prompt\.{_ATTENTION}",
+            r"reconstructor.decoder.layers.\1.query_attn.\2",
+        ),
         (rf"{_DECODER}\.mlp\.lin1\.{_AFFINE}", r"reconstructor.decoder.layers.\1.mlp_in.\2"),
         (rf"{_DECODER}\.mlp\.lin2\.{_AFFINE}", r"reconstructor.decoder.layers.\1.mlp_out.\2"),
         (rf"{_DECODER}\.norm1\.{_AFFINE}", r"reconstructor.decoder.layers.\1.prompt_attn_norm.\2"),
         (rf"{_DECODER}\.norm2\.{_AFFINE}", r"reconstructor.decoder.layers.\1.mlp_norm.\2"),
         (rf"{_DECODER}\.norm3\.{_AFFINE}", r"reconstructor.decoder.layers.\1.query_attn_norm.\2"),
-        (rf"transformer\.decoder\.final_attn_token_to_image\.{_ATTENTION}", r"reconstructor.decoder.final_attn.\1"),
+        (
+            rf"transformer\.decoder\.final_attn_token_to_image\.{_ATTENTION}",
+            r"reconstructor.decoder.final_attn.\1",
+        ),
         (rf"transformer\.decoder\.norm\.{_AFFINE}", r"reconstructor.decoder.final_norm.\1"),
         (r"seghead\.upconv(\d+)\.0\.(weight)", _refiner_stage("conv")),
         (rf"seghead\.upconv(\d+)\.1\.{_BATCH_NORM}", _refiner_stage("norm")),
@@ -64,7 +77,7 @@ NON_OFFICIAL_KEYS = frozenset({"fusion_scale"})
 
 
 def load_checkpoint_safely(path: str | os.PathLike) -> dict:
-    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused, never executed."""
+    """torch.load with weights_only=True: a file needing arbitrary unpickling is refused, never executed."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
@@ -72,7 +85,7 @@ def load_checkpoint_safely(path: str | os.PathLike) -> dict:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"checkpoint {path} is refused: it stores Python objects other than tensors and plain containers, "
+            f"checkpoint {path} is refused: it stores Python objects besides tensors and plain containers, "
             "and unpickling those can run arbitrary code. Re-save only its state dict "
             f"(torch.save(checkpoint['state_dict'], new_path)) from a trusted environment. Detail: {error}"
         ) from error
@@ -88,7 +101,7 @@ def state_dict_of(checkpoint: Mapping) -> dict[str, Tensor]:
     state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(
-            "the checkpoint is neither a state dict of tensors nor a dict with a 'state_dict' entry holding one."
+            "the checkpoint is neither a state dict of tensors nor a dict whose 'state_dict' entry is one."
         )
     return dict(state_dict)
 
@@ -118,7 +131,9 @@ def official_to_onenip_state_dict(
     """
     stripped = {key.removeprefix("module."): value for key, value in state_dict.items()}
     backbone = {k.removeprefix("backbone."): v for k, v in stripped.items() if k.startswith("backbone.")}
-    renamed = {f"backbone.body.{k}": v for k, v in efficientnet_pytorch_to_timm(backbone, stage_depths).items()}
+    renamed = {
+        f"backbone.body.{k}": v for k, v in efficientnet_pytorch_to_timm(backbone, stage_depths).items()
+    }
     unknown = []
     for key, value in stripped.items():
         if key.startswith("backbone."):

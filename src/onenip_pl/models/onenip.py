@@ -60,16 +60,29 @@ class OneNIP(nn.Module):
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % 16:
-            raise ConfigError(f"image_size={image_size} must be a positive multiple of 16 (one token per 16 px).")
+            raise ConfigError(
+                f"image_size={image_size} must be a positive multiple of 16 (one token per 16 px)."
+            )
         self.image_size = image_size
         self.feature_size = image_size // 16
-        weights = None if backbone_weights is None else state_dict_of(load_checkpoint_safely(backbone_weights))
+        weights = (
+            None if backbone_weights is None else state_dict_of(load_checkpoint_safely(backbone_weights))
+        )
         self.backbone = Backbone(backbone, tuple(out_indices), pretrained, weights, official_padding)
         self.feature_channels = sum(self.backbone.channels)
         self.neck = Neck(self.feature_size)
         self.reconstructor = Reconstructor(
-            self.feature_channels, self.feature_size, hidden_dim, num_heads, feedforward_dim, dropout,
-            num_encoder_layers, num_decoder_layers, jitter_scale, jitter_prob, neighbor_size,
+            self.feature_channels,
+            self.feature_size,
+            hidden_dim,
+            num_heads,
+            feedforward_dim,
+            dropout,
+            num_encoder_layers,
+            num_decoder_layers,
+            jitter_scale,
+            jitter_prob,
+            neighbor_size,
         )
         self.refiner = Refiner(self.feature_channels, refiner_channels)
         mean = _channel_statistic(pixel_mean, self.backbone.pretrained_cfg["mean"], "pixel_mean")
@@ -82,10 +95,14 @@ class OneNIP(nn.Module):
 
     def extract_features(self, images: Tensor) -> Tensor:
         """Neck features B x C x S/16 x S/16 of images in [0, 1] (frozen backbone, no gradient)."""
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+        if (
+            images.ndim != 4
+            or images.shape[1] != 3
+            or images.shape[-2:] != (self.image_size, self.image_size)
+        ):
             raise DataError(
-                f"expected RGB images B x 3 x {self.image_size} x {self.image_size}, got {tuple(images.shape)}; "
-                "resize them to the model's image_size."
+                f"expected RGB images B x 3 x {self.image_size} x {self.image_size}, "
+                f"got {tuple(images.shape)}: resize them to the model's image_size."
             )
         with torch.no_grad():
             normalised = (images - self.pixel_mean) / self.pixel_std
@@ -99,8 +116,9 @@ class OneNIP(nn.Module):
         """Refiner logits N x 1 x S x S from the residual against the query's own (input) features."""
         return self.refiner((reconstruction - query_features).abs(), self.image_size)
 
-    def fuse(self, rec_map: Tensor, refiner_map: Tensor, fusion_scale: Tensor | float | None = None
-             ) -> tuple[Tensor, Tensor]:
+    def fuse(
+        self, rec_map: Tensor, refiner_map: Tensor, fusion_scale: Tensor | float | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Fused map 0.5 * rec + 0.5 * scale * ref, and its image score (max of a 16x16 mean filter)."""
         scale = self.fusion_scale if fusion_scale is None else fusion_scale
         scale = torch.as_tensor(scale, dtype=torch.float32, device=rec_map.device)
@@ -109,7 +127,10 @@ class OneNIP(nn.Module):
         return anomaly_map, image_score
 
     def anomaly_maps(
-        self, query_features: Tensor, reconstruction: Tensor, refiner_logit: Tensor,
+        self,
+        query_features: Tensor,
+        reconstruction: Tensor,
+        refiner_logit: Tensor,
         fusion_scale: Tensor | float | None = None,
     ) -> dict[str, Tensor]:
         """rec_map, refiner_map, anomaly_map (N x 1 x S x S) and image_score (N,), always in float32."""
@@ -120,7 +141,12 @@ class OneNIP(nn.Module):
             rec_map = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
             refiner_map = torch.sigmoid(refiner_logit.float())
             anomaly_map, image_score = self.fuse(rec_map, refiner_map, fusion_scale)
-        return {"rec_map": rec_map, "refiner_map": refiner_map, "anomaly_map": anomaly_map, "image_score": image_score}
+        return {
+            "rec_map": rec_map,
+            "refiner_map": refiner_map,
+            "anomaly_map": anomaly_map,
+            "image_score": image_score,
+        }
 
     def forward(
         self, query: Tensor, prompt: Tensor | None = None, *, prompt_features: Tensor | None = None
@@ -136,8 +162,12 @@ class OneNIP(nn.Module):
         reconstruction = self.reconstruct(query_features, prompt_features)
         refiner_logit = self.refine(reconstruction, query_features)
         maps = self.anomaly_maps(query_features, reconstruction, refiner_logit)
-        return {"query_features": query_features, "reconstruction": reconstruction, "refiner_logit": refiner_logit,
-                **maps}
+        return {
+            "query_features": query_features,
+            "reconstruction": reconstruction,
+            "refiner_logit": refiner_logit,
+            **maps,
+        }
 
     @classmethod
     def from_official(
@@ -150,7 +180,9 @@ class OneNIP(nn.Module):
         """
         backbone = kwargs.pop("backbone", OFFICIAL_BACKBONE)
         if architecture_name(backbone) != OFFICIAL_BACKBONE:
-            raise ConfigError(f"the authors' checkpoints hold a {OFFICIAL_BACKBONE} backbone, not backbone={backbone!r}.")
+            raise ConfigError(
+                f"the authors' checkpoints hold a {OFFICIAL_BACKBONE} backbone, not backbone={backbone!r}."
+            )
         for setting in ("pretrained", "backbone_weights"):
             if kwargs.pop(setting, None):
                 raise ConfigError(f"from_official takes every weight from the checkpoint; drop `{setting}`.")

@@ -1,4 +1,4 @@
-"""Prompt-conditioned reconstructor (spec §5): a transformer that rebuilds query features from a normal prompt.
+"""Prompt-conditioned reconstructor (spec §5): a transformer rebuilding query features from a normal prompt.
 
 Tokens are batch-first here (image, token, channel); token t = y * grid + x. The neighbour mask forbids a
 token to attend to its own window, so it cannot copy itself and must reconstruct from elsewhere.
@@ -14,7 +14,7 @@ from onenip_pl.errors import ConfigError
 
 
 def init_xavier(module: nn.Module) -> None:
-    """The authors' initialisation: Xavier-uniform weights, zero biases for every Linear and (transposed) conv."""
+    """The authors' initialisation: Xavier-uniform weight, zero bias in every Linear and conv."""
     for layer in module.modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.xavier_uniform_(layer.weight)
@@ -23,7 +23,7 @@ def init_xavier(module: nn.Module) -> None:
 
 
 def default_neighbor_size(feature_size: int) -> int:
-    """The authors' override of the configured window: half the grid (7x7 at 224 px, 9x9 at 256, 11x11 at 320)."""
+    """The authors' window: half the grid (7x7 at 224 px, 9x9 at 256, 11x11 at 320)."""
     return feature_size // 2
 
 
@@ -39,8 +39,8 @@ def neighbor_attention_bias(feature_size: int, neighbor_size: int) -> Tensor:
     inside = ((rows[:, None] - rows[None, :]).abs() <= half) & ((cols[:, None] - cols[None, :]).abs() <= half)
     if inside.all(dim=1).any():
         raise ConfigError(
-            f"neighbor_size={neighbor_size} masks every token of the {feature_size}x{feature_size} grid for some "
-            "query, leaving it nothing to attend to; use a smaller neighbor_size or a larger image_size."
+            f"neighbor_size={neighbor_size} masks the whole {feature_size}x{feature_size} grid for a query, "
+            "leaving it nothing to attend to; use a smaller neighbor_size or a larger image_size."
         )
     return torch.zeros(inside.shape).masked_fill(inside, float("-inf"))
 
@@ -126,7 +126,9 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Each image is its own sequence: query and prompt images share the layers, never attention."""
 
-    def __init__(self, num_layers: int, dim: int, num_heads: int, feedforward_dim: int, dropout: float) -> None:
+    def __init__(
+        self, num_layers: int, dim: int, num_heads: int, feedforward_dim: int, dropout: float
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             EncoderLayer(dim, num_heads, feedforward_dim, dropout) for _ in range(num_layers)
@@ -165,9 +167,11 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Decoder layers, then one unmasked prompt-to-query attention and a LayerNorm; returns the prompt stream."""
+    """Decoder layers, one unmasked prompt-to-query attention, a LayerNorm; returns the prompt stream."""
 
-    def __init__(self, num_layers: int, dim: int, num_heads: int, feedforward_dim: int, dropout: float) -> None:
+    def __init__(
+        self, num_layers: int, dim: int, num_heads: int, feedforward_dim: int, dropout: float
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             DecoderLayer(dim, num_heads, feedforward_dim, dropout) for _ in range(num_layers)
@@ -218,7 +222,7 @@ class Reconstructor(nn.Module):
         init_xavier(self)
 
     def jitter(self, tokens: Tensor) -> Tensor:
-        """Feature jitter: x + eps * (|x| / C) * scale, applied to the whole batch with probability jitter_prob."""
+        """Feature jitter x + eps * (|x| / C) * scale, on the whole batch with probability jitter_prob."""
         if self.jitter_prob == 0.0 or torch.rand(()) >= self.jitter_prob:
             return tokens
         scale = tokens.norm(dim=-1, keepdim=True) / tokens.shape[-1] * self.jitter_scale

@@ -22,7 +22,7 @@ class RefinerStage(nn.Module):
 
 
 class Refiner(nn.Module):
-    """Two stages (stride 16 -> 4), a 1x1 predictor, then bilinear (align_corners=True) resize to the image."""
+    """Two stages (stride 16 -> 4), a 1x1 predictor, bilinear resize (align_corners=True) to S."""
 
     def __init__(self, in_channels: int, channels: int = 128) -> None:
         super().__init__()
