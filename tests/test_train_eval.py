@@ -27,7 +27,7 @@ def test_every_experiment_composes(experiment: str, config_name: str) -> None:
     assert cfg.data.batch_size == 8
     assert cfg.model.image_size == cfg.data.image_size
     if experiment != "demo":
-        assert cfg.model.backbone == "tf_efficientnet_b4"
+        assert cfg.model.backbone == "tf_efficientnet_b4.aa_in1k"
         assert cfg.model.lr == pytest.approx(1e-4)
         assert cfg.model.lr_step_size == 800
         assert cfg.trainer.max_epochs == 1000

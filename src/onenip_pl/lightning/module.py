@@ -114,6 +114,9 @@ class OneNIPModule(LightningModule):
         )
         return losses["total"]
 
+    def on_train_epoch_end(self) -> None:
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], sync_dist=False)
+
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [p for p in self.net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(

@@ -190,18 +190,17 @@ class Backbone(nn.Module):
             )
         self.name = name
         self.official_padding = official_padding
-        download = (
-            pretrained and weights is None and (architecture != LITE0_BACKBONE or timm_weights_cached(name))
-        )
-        self.body = self._create_body(name, tuple(out_indices), download)
+        wants_download = pretrained and weights is None
+        lite0_fallback = wants_download and architecture == LITE0_BACKBONE and not timm_weights_cached(name)
+        self.body = self._create_body(name, tuple(out_indices), wants_download and not lite0_fallback)
         self.channels: tuple[int, ...] = tuple(self.body.feature_info.channels())
         self.strides: tuple[int, ...] = tuple(self.body.feature_info.reduction())
         self.pretrained_cfg: dict = dict(self.body.pretrained_cfg)
         self._drop_unused_blocks()
+        if lite0_fallback:
+            weights = lite0_package_weights()
         if weights is not None:
             self.load_weights(weights)
-        elif pretrained and not download:
-            self.load_weights(lite0_package_weights())
         if official_padding:
             stage = self.body.blocks[2][0]
             stage.conv_dw = _same_padding_quirk(stage.conv_dw)
