@@ -15,7 +15,6 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from onenip_pl.data.check import check_records
-from onenip_pl.data.readers import read_dataset
 from onenip_pl.data.datasets import (
     ImageSource,
     PromptedImageDataset,
@@ -24,6 +23,7 @@ from onenip_pl.data.datasets import (
     normal_train_index,
 )
 from onenip_pl.data.demo import generate_demo_dataset
+from onenip_pl.data.readers import read_dataset
 from onenip_pl.data.records import ImageRecord
 from onenip_pl.data.samplers import EvalShardSampler, TrainShardSampler
 from onenip_pl.data.synthesis import AnomalySynthesizer, describe_texture_source, find_textures
@@ -57,7 +57,8 @@ class OneNIPDataModule(LightningDataModule):
         test_prompt: str = "random",
         val_fraction: float = 0.0,
         calibration_images_per_category: int = 16,
-        cache_images: bool = False,
+        cache_images: str = "none",
+        cache_dir: str | None = None,
         check_decode: bool | str = "verify",
         demo_seed: int = 0,
     ) -> None:
@@ -87,6 +88,7 @@ class OneNIPDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self.calibration_images_per_category = calibration_images_per_category
         self.cache_images = cache_images
+        self.cache_dir = cache_dir
         self.check_decode = check_decode
         self.demo_seed = demo_seed
         self.records: list[ImageRecord] = []
@@ -121,7 +123,7 @@ class OneNIPDataModule(LightningDataModule):
             log.warning("Data check: %s", note)
         self.records = list(report.records)
         train, self.val_records = self._hold_out_validation([r for r in self.records if r.split == "train"])
-        self.train_source = ImageSource(train, self.image_size, cache=self.cache_images)
+        self.train_source = ImageSource(train, self.image_size, self.cache_images, self.cache_dir)
         log.info(
             "Data: %s at %s, %d categories, %d training, %d validation and %d test images",
             self.dataset,
