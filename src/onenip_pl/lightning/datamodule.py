@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 
 from onenip_pl.data.check import check_records
 from onenip_pl.data.datasets import (
+    PROMPT_MODES,
     ImageSource,
+    NormalImageDataset,
     PromptedImageDataset,
     SyntheticValidationDataset,
     TrainTripletDataset,
@@ -45,6 +47,7 @@ class OneNIPDataModule(LightningDataModule):
         dataset: str = "demo",
         root: str | Mapping[str, str] = "data/demo",
         categories: Sequence[str] | None = None,
+        reader_options: Mapping[str, Any] | None = None,
         image_size: int = 224,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -55,6 +58,8 @@ class OneNIPDataModule(LightningDataModule):
         seed: int = 133,
         balance_categories: bool = False,
         test_prompt: str = "random",
+        test_prompt_k: int = 1,
+        retrieval_images_per_category: int | None = 32,
         val_fraction: float = 0.0,
         calibration_images_per_category: int = 16,
         cache_images: str = "none",
@@ -73,6 +78,7 @@ class OneNIPDataModule(LightningDataModule):
         self.dataset = dataset
         self.root = root
         self.categories = list(categories) if categories else None
+        self.reader_options = dict(reader_options or {})
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -82,7 +88,18 @@ class OneNIPDataModule(LightningDataModule):
         self.texture_dir = texture_dir
         self.seed = seed
         self.balance_categories = balance_categories
+        if test_prompt not in PROMPT_MODES:
+            raise ConfigError(f"data.test_prompt={test_prompt!r} is unknown; use one of {PROMPT_MODES}")
+        if test_prompt_k < 1:
+            raise ConfigError(f"data.test_prompt_k={test_prompt_k} must be at least 1")
+        if retrieval_images_per_category is not None and retrieval_images_per_category < test_prompt_k:
+            raise ConfigError(
+                f"data.retrieval_images_per_category={retrieval_images_per_category} must be at least "
+                f"data.test_prompt_k={test_prompt_k} (or null for every normal training image)"
+            )
         self.test_prompt = test_prompt
+        self.test_prompt_k = test_prompt_k
+        self.retrieval_images_per_category = retrieval_images_per_category
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         self.val_fraction = val_fraction
@@ -115,7 +132,7 @@ class OneNIPDataModule(LightningDataModule):
         if self.dataset == "demo":
             self.prepare_data()
         root = self.root if isinstance(self.root, Mapping) else self._single_root()
-        records = read_dataset(self.reader_name, root, self.categories)
+        records = read_dataset(self.reader_name, root, self.categories, **self.reader_options)
         # the demo's categories are not MVTec's: compare counts with official ones only for benchmarks
         official = None if self.dataset == "demo" else self.dataset
         report = check_records(records, official, decode=self.check_decode)
@@ -227,10 +244,23 @@ class OneNIPDataModule(LightningDataModule):
             for category, indices in sorted(pool.items())
         }
 
+    def retrieval_bank_dataloader(self) -> DataLoader:
+        """The candidates of ``test_prompt=retrieval``: normal training images, at most
+        ``retrieval_images_per_category`` per category (a seeded subset), not sharded: each rank needs
+        them all."""
+        limit = self.retrieval_images_per_category
+        chosen = []
+        for _, indices in sorted(normal_train_index(self.train_source.records).items()):
+            if limit is not None and len(indices) > limit:
+                rng = np.random.default_rng([self.seed, len(indices)])
+                indices = sorted(int(i) for i in rng.choice(indices, limit, replace=False))
+            chosen.extend(indices)
+        return self._loader(NormalImageDataset(self.train_source, chosen), self.eval_batch_size, None)
+
     def _prompted_loader(self, records: list[ImageRecord]) -> DataLoader:
         rank, world = self._rank_and_world()
         dataset = PromptedImageDataset(
-            records, self.train_source, self.image_size, self.seed, self.test_prompt
+            records, self.train_source, self.image_size, self.seed, self.test_prompt, self.test_prompt_k
         )
         return self._loader(dataset, self.eval_batch_size, EvalShardSampler(len(dataset), rank, world))
 
