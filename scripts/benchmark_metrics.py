@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224, help="map side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--repeats", type=int, default=3, help="timings report the fastest of this many runs")
+    parser.add_argument("--repeats", type=int, default=5, help="timings report the fastest of this many runs")
     parser.add_argument("--num-bins", type=int, default=DEFAULT_NUM_BINS)
     parser.add_argument("--check-sklearn", action="store_true", help="compare exact values with scikit-learn")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -138,7 +138,7 @@ def _smooth_noise(size: int, cells: int, generator: torch.Generator) -> Tensor:
 class Timing:
     """Fastest wall-clock and fastest process CPU time (all threads) over the repeats, in seconds.
 
-    On a machine shared with other jobs the wall time grows with the load; the CPU time does not.
+    On a machine shared with other jobs both grow with the load (CPU time less so), hence the minimum.
     """
 
     wall: float
@@ -148,10 +148,10 @@ class Timing:
         return f"{self.wall:6.2f} s wall  {self.cpu:6.2f} s cpu"
 
 
-def time_suite(
-    data: dict[str, CategoryData], metrics: tuple[str, ...], binned: bool, num_bins: int, repeats: int
-) -> tuple[Timing, dict[str, dict[str, float]]]:
-    """Timing of ``repeats`` runs over all categories, and the values of the last run."""
+def suite_job(
+    data: dict[str, CategoryData], metrics: tuple[str, ...], binned: bool, num_bins: int
+) -> Callable[[], dict]:
+    """All categories through :func:`compute_category_metrics`."""
     def run() -> dict[str, dict[str, float]]:
         return {
             name: compute_category_metrics(
@@ -161,11 +161,11 @@ def time_suite(
             for name, d in data.items()
         }
 
-    return _fastest(run, repeats)
+    return run
 
 
-def time_metric_object(data: dict[str, CategoryData], batch_size: int, repeats: int) -> Timing:
-    """Timing of feeding the set to :class:`AnomalyMetrics` in batches and computing it."""
+def metric_object_job(data: dict[str, CategoryData], batch_size: int) -> Callable[[], dict]:
+    """The set fed to :class:`AnomalyMetrics` in batches, then computed (exact, all metrics)."""
     def run() -> dict:
         metric = AnomalyMetrics()
         for name, d in data.items():
@@ -179,17 +179,25 @@ def time_metric_object(data: dict[str, CategoryData], batch_size: int, repeats: 
             warnings.simplefilter("error", MetricUndefinedWarning)
             return metric.compute()
 
-    return _fastest(run, repeats)[0]
+    return run
 
 
-def _fastest(function: Callable[[], dict], repeats: int) -> tuple[Timing, dict]:
-    walls, cpus, result = [], [], {}
+def time_interleaved(jobs: dict[str, Callable[[], dict]], repeats: int) -> tuple[dict[str, Timing], dict]:
+    """Runs every job once per round, ``repeats`` rounds; returns each job's best timing and last result.
+
+    Interleaving spreads each job's repeats over the whole benchmark, so a burst of load from other
+    processes cannot spoil all of them.
+    """
+    walls: dict[str, list[float]] = {name: [] for name in jobs}
+    cpus: dict[str, list[float]] = {name: [] for name in jobs}
+    results: dict[str, dict] = {}
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = function()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return Timing(min(walls), min(cpus)), result
+        for name, job in jobs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[name] = job()
+            walls[name].append(time.perf_counter() - wall)
+            cpus[name].append(time.process_time() - cpu)
+    return {name: Timing(min(walls[name]), min(cpus[name])) for name in jobs}, results
 
 
 def sklearn_differences(
@@ -235,10 +243,17 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores, load average {load:.1f}")
 
-    per_metric = {m: time_suite(data, (m,), False, args.num_bins, args.repeats)[0] for m in ALL_METRICS}
-    exact_total, exact = time_suite(data, ALL_METRICS, False, args.num_bins, args.repeats)
-    binned_total, binned = time_suite(data, ALL_METRICS, True, args.num_bins, args.repeats)
-    metric_object_total = time_metric_object(data, 32, args.repeats)
+    jobs = {name: suite_job(data, (name,), False, args.num_bins) for name in ALL_METRICS}
+    jobs |= {
+        "exact": suite_job(data, ALL_METRICS, False, args.num_bins),
+        "binned": suite_job(data, ALL_METRICS, True, args.num_bins),
+        "metric_object": metric_object_job(data, 32),
+    }
+    timings, results = time_interleaved(jobs, args.repeats)
+    per_metric = {name: timings[name] for name in ALL_METRICS}
+    exact_total, exact = timings["exact"], results["exact"]
+    binned_total, binned = timings["binned"], results["binned"]
+    metric_object_total = timings["metric_object"]
 
     print("\nexact, seconds for all categories (each metric alone; together they share one sort):")
     for name, timing in per_metric.items():

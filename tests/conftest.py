@@ -63,6 +63,8 @@ def tiny_overrides(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
         "++trainer.enable_model_summary=false",
         "++callbacks.rich_progress_bar=null",
         "++callbacks.model_summary=null",
+        "report.images_per_category=0",
+        "report.curves=false",
         f"paths.output_dir={output_dir}",
         f"paths.log_dir={output_dir}/logs",
         *extra,

@@ -23,7 +23,7 @@ from onenip_pl.metrics import (
     PIXEL_METRICS,
     AnomalyMetrics,
     MetricUndefinedWarning,
-    aupro,
+    area_under_pro,
     auroc,
     average_precision,
     compute_category_metrics,
@@ -171,6 +171,18 @@ def test_other_score_dtypes_rank_their_exact_values(dtype: torch.dtype) -> None:
     assert_close(ours, sklearn_metrics("image", labels, scores.double().numpy()), 1e-9)
 
 
+def test_huge_finite_maps_are_accepted() -> None:
+    masks = torch.tensor([[[1, 0, 0, 1]]], dtype=torch.bool)
+    maps = torch.tensor([[[3e38, 2e38, 1e38, 3e38]]])  # their float32 sum overflows, the values do not
+    ours = compute_category_metrics(torch.ones(1), torch.ones(1), maps, masks, metrics=["pixel_AUROC"])
+    assert ours["pixel_AUROC"] == 1.0
+    full_range = torch.tensor([[[3e38, -3e38, -3e38, 3e38]]])  # max - min overflows float32
+    binned = compute_category_metrics(
+        torch.ones(1), torch.ones(1), full_range, masks, metrics=["pixel_AUROC"], binned=True
+    )
+    assert binned["pixel_AUROC"] == 1.0
+
+
 def test_negative_and_mixed_sign_scores_rank_correctly() -> None:
     labels = np.array([0, 1, 0, 1, 1, 0, 0, 1], dtype=bool)
     scores = np.array([-3.5, -0.25, -1e-30, 2.0, -0.25, 1e30, 0.0, -7.0], dtype=np.float32)
@@ -260,7 +272,7 @@ def test_binned_equals_exact_on_quantised_scores() -> None:
     weights = region_weights(masks)
     binned = sweep_binned(maps, masks, 64, weights)
     exact = sweep_exact(quantise(maps.reshape(-1), 64), masks, weights)
-    for metric in (auroc, average_precision, f1_max, aupro):
+    for metric in (auroc, average_precision, f1_max, area_under_pro):
         assert metric(binned) == pytest.approx(metric(exact), abs=1e-12)
 
 

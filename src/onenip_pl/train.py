@@ -9,25 +9,48 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from onenip_pl.config import config_dir
-from onenip_pl.errors import OneNIPError
+from onenip_pl.errors import ConfigError, OneNIPError
 from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
-from onenip_pl.utils.run import finish_loggers, report_results
-from onenip_pl.utils.sweep import write_job_metrics
+from onenip_pl.utils.run import finish_loggers, report_results, report_settings
+from onenip_pl.utils.sweep import in_multirun_job, make_ddp_ranks_rerun_this_job, write_job_metrics
 
 log = logging.getLogger(__name__)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """'last' resumes from the newest last.ckpt of this task's runs; other values pass through."""
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, search_other_runs: bool = True) -> str | None:
+    """'last' resumes from the newest checkpoint (last.ckpt or a step checkpoint) of this run's
+    directory or, with `search_other_runs`, of the task's other runs (`runs/*/`), so that re-running
+    the same command resumes. Other values pass through."""
     if ckpt_path != "last":
         return ckpt_path
-    candidates = sorted(output_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    candidates = [p for p in output_dir.glob("checkpoints/*.ckpt") if p.is_file()]
+    if not candidates and search_other_runs:
+        candidates = [p for p in output_dir.parent.glob("*/checkpoints/*.ckpt") if p.is_file()]
     if not candidates:
-        raise OneNIPError(f"ckpt_path=last: no last.ckpt found under {output_dir.parent}/*/checkpoints")
-    return str(candidates[-1])
+        where = f"{output_dir.parent}/*/checkpoints" if search_other_runs else f"{output_dir}/checkpoints"
+        raise ConfigError(f"ckpt_path=last: no checkpoint found under {where}; pass ckpt_path=PATH instead")
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    log.info("Resuming from %s", newest)
+    return str(newest)
+
+
+def global_batch_size(per_device: int, trainer: L.Trainer) -> int:
+    """Images per optimiser step over all devices and nodes, gradient accumulation included."""
+    return per_device * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
+
+
+class _OtherRanksErrorsOnly(logging.Filter):
+    """One console and log file, not one per process: ranks other than zero pass on errors only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or rank_zero_only.rank == 0
+
+
+_RANK_FILTER = _OtherRanksErrorsOnly()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -44,20 +67,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    batch = {
+        "per_device_batch_size": cfg.data.batch_size,
+        "global_batch_size": global_batch_size(cfg.data.batch_size, trainer),
+        "world_size": trainer.world_size,
+    }
+    log.info("Batch: %(per_device_batch_size)d per device, %(global_batch_size)d per step", batch)
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **batch})
 
     output_dir = Path(cfg.paths.output_dir)
+    if trainer.world_size > 1:
+        make_ddp_ranks_rerun_this_job()
     if cfg.get("train"):
         log.info("Starting training")
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, not in_multirun_job())
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
         log.info("Testing the final weights (no checkpoint selection on the test set)")
+        model.configure_reports(output_dir, **report_settings(cfg))
         trainer.test(model=model, datamodule=datamodule)
         if model.test_results is not None:
-            report_results(model.test_results, output_dir, loggers)
+            report_results(model.test_results, output_dir, loggers, model.report_files)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     if trainer.is_global_zero:
         write_job_metrics(metrics, output_dir)
@@ -67,13 +99,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RANK_FILTER)
     try:
         metrics = train(cfg)
+        return optimized_value(metrics, cfg.get("optimized_metric"))
     except OneNIPError as err:
         log.error("%s", err)
         sys.exit(1)
-    name = cfg.get("optimized_metric")
-    return metrics.get(name) if name else None
+
+
+def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The metric a sweeper (Optuna) optimises; a clear error when the run never logged it."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric={name} was not logged by this run (logged: {', '.join(sorted(metrics))}); "
+            "validation metrics need data.val_fraction > 0"
+        )
+    return metrics[name]
 
 
 if __name__ == "__main__":

@@ -129,21 +129,31 @@ class TrainTripletDataset(Dataset):
     """Yields (query, prompt, synthetic anomaly, synthetic mask, category) for each normal training image.
 
     The prompt is another normal training image of the same category, drawn at
-    random (it may be the query itself, as in the authors' code). Randomness
-    comes from torch's generator of the process (seeded per worker and rank by
-    Lightning), mixed with the sample index and the rank so that ranks differ.
+    random (it may be the query itself, as in the authors' code). An item is
+    ``(index, epoch, position)`` as the training sampler yields it (a bare index
+    means epoch 0 at that position): the prompt and the synthetic anomaly come
+    from a generator seeded by (seed, epoch, position). Ranks hold different
+    positions, so they synthesise differently, while a sample is the same on
+    any worker and after a restart, which makes resumed runs exact.
+
+    ``query_index`` and ``prompt_index`` (indices into ``source``) name the
+    normal images: queries and prompts are served un-augmented, so a frozen
+    backbone's features of each can be cached (onenip_pl.lightning.feature_cache).
     """
+
+    # a promise the feature cache relies on: query and prompt tensors depend on their index only
+    augments_normals = False
 
     def __init__(
         self,
         source: ImageSource,
         synthesizer: AnomalySynthesizer,
-        rank: int = 0,
+        seed: int = 0,
         fallback_textures: Sequence[np.ndarray] | None = None,
     ) -> None:
         self.source = source
         self.synthesizer = synthesizer
-        self.rank = rank
+        self.seed = seed
         self.fallback_textures = fallback_textures
         self.prompt_pool = normal_train_index(source.records)
         self.indices = [i for idx in self.prompt_pool.values() for i in idx]
@@ -153,11 +163,11 @@ class TrainTripletDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int, int]) -> dict:
+        item, epoch, position = item if isinstance(item, tuple) else (item, 0, item)
         index = self.indices[item]
         record = self.source.records[index]
-        draw = int(torch.randint(0, 2**62, (1,)).item())
-        rng = np.random.default_rng([draw, index, self.rank])
+        rng = np.random.default_rng([self.seed, epoch, position])
         prompt_index = int(rng.choice(self.prompt_pool[record.category]))
         query = self.source.image(index)
         prompt = self.source.image(prompt_index)
@@ -168,15 +178,23 @@ class TrainTripletDataset(Dataset):
             "synthetic": to_tensor(synthetic),
             "synthetic_mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
             "category": record.category,
+            "query_index": index,
+            "prompt_index": prompt_index,
         }
+
+
+PROMPT_MODES = ("random", "first", "retrieval")
 
 
 class PromptedImageDataset(Dataset):
     """Yields (image, prompt, mask, label, category, path) for evaluation and calibration.
 
-    Prompts are fixed per sample: for ``prompt_mode="random"`` a seeded draw
-    from the category's normal training images (same seed, same prompts), for
-    ``"first"`` the first normal training image of the category.
+    Prompts are fixed per sample: for ``prompt_mode="random"`` a seeded draw of
+    ``num_prompts`` distinct normal training images of the category (same seed,
+    same prompts), for ``"first"`` the category's first ``num_prompts`` normal
+    training images. ``prompt`` is 3×S×S for one prompt and K×3×S×S for K.
+    ``"retrieval"`` yields no prompt, only ``num_prompts``: the model picks the
+    prompts itself without the category label (onenip_pl.inference.retrieval).
     """
 
     def __init__(
@@ -186,25 +204,39 @@ class PromptedImageDataset(Dataset):
         image_size: int,
         seed: int,
         prompt_mode: str = "random",
+        num_prompts: int = 1,
     ) -> None:
-        if prompt_mode not in ("random", "first"):
-            raise DataError(f"unknown prompt mode {prompt_mode!r}; use 'random' or 'first'")
+        if prompt_mode not in PROMPT_MODES:
+            raise ConfigError(f"data.test_prompt={prompt_mode!r} is unknown; use one of {PROMPT_MODES}")
+        if num_prompts < 1:
+            raise ConfigError(f"data.test_prompt_k={num_prompts} must be at least 1")
         self.records = list(records)
         self.prompt_source = prompt_source
         self.image_size = image_size
+        self.prompt_mode = prompt_mode
+        self.num_prompts = num_prompts
+        self.prompt_indices: list[list[int]] = []
+        if prompt_mode == "retrieval":
+            return
         pool = normal_train_index(prompt_source.records)
-        self.prompt_indices: list[int] = []
         for item, record in enumerate(self.records):
-            candidates = pool.get(record.category)
-            if not candidates:
+            candidates = pool.get(record.category, [])
+            if len(candidates) < num_prompts:
                 raise DataError(
-                    f"category {record.category!r} has test images but no normal training image to use "
-                    "as a prompt; add train/good images for it"
+                    f"category {record.category!r} has test images but {len(candidates)} normal training "
+                    f"image(s) to use as prompts, fewer than data.test_prompt_k={num_prompts}; add "
+                    "train/good images for it or lower data.test_prompt_k"
                 )
             if prompt_mode == "first":
-                self.prompt_indices.append(candidates[0])
+                self.prompt_indices.append(candidates[:num_prompts])
             else:
-                self.prompt_indices.append(int(np.random.default_rng([seed, item]).choice(candidates)))
+                drawn = np.random.default_rng([seed, item]).choice(candidates, num_prompts, replace=False)
+                self.prompt_indices.append([int(i) for i in drawn])
+
+    @property
+    def prompt_setting(self) -> str:
+        """How prompts are chosen, e.g. ``random, k=1``: calibration and test should agree on it."""
+        return f"{self.prompt_mode}, k={self.num_prompts}"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -216,11 +248,35 @@ class PromptedImageDataset(Dataset):
             mask = load_mask(record.mask_path, self.image_size)
         else:
             mask = np.zeros((self.image_size, self.image_size), dtype=np.float32)
-        return {
+        sample = {
             "image": to_tensor(image),
-            "prompt": to_tensor(self.prompt_source.image(self.prompt_indices[item])),
             "mask": torch.from_numpy(mask)[None],
             "label": torch.tensor(record.label, dtype=torch.long),
+            "category": record.category,
+            "path": str(record.path),
+        }
+        if self.prompt_mode == "retrieval":
+            sample["num_prompts"] = self.num_prompts
+            return sample
+        prompts = [to_tensor(self.prompt_source.image(index)) for index in self.prompt_indices[item]]
+        sample["prompt"] = prompts[0] if self.num_prompts == 1 else torch.stack(prompts)
+        return sample
+
+
+class NormalImageDataset(Dataset):
+    """Normal training images by ImageSource index, e.g. the candidates of prompt retrieval."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
+        self.source = source
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict:
+        record = self.source.records[self.indices[item]]
+        return {
+            "image": to_tensor(self.source.image(self.indices[item])),
             "category": record.category,
             "path": str(record.path),
         }

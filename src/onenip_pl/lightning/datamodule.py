@@ -30,6 +30,7 @@ from onenip_pl.data.records import ImageRecord
 from onenip_pl.data.samplers import EvalShardSampler, TrainShardSampler
 from onenip_pl.data.synthesis import AnomalySynthesizer, describe_texture_source, find_textures
 from onenip_pl.errors import ConfigError
+from onenip_pl.lightning.resume import ResumableTrainLoader
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +200,19 @@ class OneNIPDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
-        dataset = TrainTripletDataset(self.train_source, self.build_synthesizer(), rank=rank)
+        dataset = TrainTripletDataset(self.train_source, self.build_synthesizer(), seed=self.seed)
         categories = [self.train_source.records[i].category for i in dataset.indices]
-        sampler = TrainShardSampler(categories, self.seed, rank, world, self.balance_categories)
-        return self._loader(dataset, self.batch_size, sampler, drop_last=len(sampler) >= self.batch_size)
+        shard = TrainShardSampler(categories, self.seed, rank, world, self.balance_categories)
+        return ResumableTrainLoader(
+            dataset,
+            shard,
+            self.seed,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=len(shard) >= self.batch_size,
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self._prompted_loader(self.test_records)

@@ -1,6 +1,6 @@
 """Anomaly-detection metrics (exact AUROC, AP, F1max and AUPRO per category) and report writers."""
 
-from onenip_pl.metrics.aupro import DEFAULT_FPR_LIMIT, aupro, region_weights
+from onenip_pl.metrics.aupro import DEFAULT_FPR_LIMIT, area_under_pro, region_weights
 from onenip_pl.metrics.ranking import (
     ThresholdSweep,
     auroc,
@@ -35,7 +35,7 @@ __all__ = [
     "MetricUndefinedWarning",
     "ThresholdSweep",
     "auroc",
-    "aupro",
+    "area_under_pro",
     "average_precision",
     "check_metric_names",
     "compute_category_metrics",

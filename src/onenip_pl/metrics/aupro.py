@@ -19,7 +19,7 @@ from torch import Tensor
 from onenip_pl.errors import DataError
 from onenip_pl.metrics.ranking import ThresholdSweep, roc_points
 
-__all__ = ["DEFAULT_FPR_LIMIT", "aupro", "region_weights"]
+__all__ = ["DEFAULT_FPR_LIMIT", "area_under_pro", "region_weights"]
 
 DEFAULT_FPR_LIMIT = 0.3
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -46,7 +46,7 @@ def region_weights(masks: Tensor) -> Tensor:
     return torch.from_numpy(np.concatenate(inverse_sizes) / num_regions).to(masks.device)
 
 
-def aupro(sweep: ThresholdSweep, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
+def area_under_pro(sweep: ThresholdSweep, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
     """Area under the PRO-versus-FPR curve from 0 to ``fpr_limit``, divided by ``fpr_limit``.
 
     The curve is linearly interpolated at ``fpr_limit`` when no threshold lands on it exactly. NaN when

@@ -79,7 +79,8 @@ def sweep_exact(scores: Tensor, labels: Tensor, positive_weights: Tensor | None 
     weighted = None
     if positive_weights is not None:
         _check_weights(positive_weights, num_positives)
-        sorted_weights = positive_weights.to(device=scores.device, dtype=torch.float64)[positive_order]
+        weights = positive_weights.reshape(-1).to(device=scores.device, dtype=torch.float64)
+        sorted_weights = weights[positive_order]
         cumulative = torch.cat([sorted_weights.new_zeros(1), torch.cumsum(sorted_weights, 0)])
         weighted = _interleave_and_close(
             cumulative[positives_before_group], cumulative[positives_through_group], cumulative[-1]
@@ -98,8 +99,7 @@ def sweep_binned(
     if num_bins < 2:
         raise ConfigError(f"num_bins must be at least 2 for a binned sweep, got {num_bins}")
     scores, labels = _flatten_pair(scores, labels)
-    bins = quantise(_as_sortable_float(scores), num_bins)
-    bins_by_class = bins + labels.to(torch.int64) * num_bins
+    bins_by_class = quantise(_as_sortable_float(scores), num_bins).add_(labels, alpha=num_bins)
     counts = torch.bincount(bins_by_class, minlength=2 * num_bins).view(2, num_bins)
     negatives_per_bin, positives_per_bin = counts[0].flip(0), counts[1].flip(0)
     occupied = (negatives_per_bin + positives_per_bin) > 0
@@ -110,7 +110,8 @@ def sweep_binned(
     if positive_weights is not None:
         _check_weights(positive_weights, num_positives)
         weights = positive_weights.reshape(-1).to(device=scores.device, dtype=torch.float64)
-        weight_per_bin = torch.bincount(bins[labels], weights=weights, minlength=num_bins).flip(0)
+        positive_bins = bins_by_class[labels] - num_bins
+        weight_per_bin = torch.bincount(positive_bins, weights=weights, minlength=num_bins).flip(0)
         weighted = torch.cumsum(weight_per_bin, 0)[occupied]
     num_negatives = labels.numel() - num_positives
     return ThresholdSweep(true_positives, false_positives, num_positives, num_negatives, weighted)
@@ -119,10 +120,12 @@ def sweep_binned(
 def quantise(scores: Tensor, num_bins: int) -> Tensor:
     """Bin index (int64) of each score on ``num_bins`` even steps from its minimum to its maximum."""
     low, high = scores.min(), scores.max()
+    if not bool(torch.isfinite(high - low)):  # the range overflows float32: work in float64
+        scores, low, high = scores.double(), low.double(), high.double()
     span = float(high - low)
-    if span == 0.0 or not math.isfinite(span):
+    if span == 0.0:
         return torch.zeros(scores.shape, dtype=torch.int64, device=scores.device)
-    scaled = (scores - low) * ((num_bins - 1) / span)
+    scaled = (scores - low).mul_((num_bins - 1) / span)
     return scaled.to(torch.int64).clamp_(0, num_bins - 1)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from onenip_pl.errors import ConfigError, DataError
-from onenip_pl.metrics.aupro import aupro, region_weights
+from onenip_pl.metrics.aupro import area_under_pro, region_weights
 from onenip_pl.metrics.ranking import (
     ThresholdSweep,
     auroc,
@@ -156,10 +156,12 @@ class AnomalyMetrics(Metric):
     its last batch repeats images; evaluate with a sampler that does not). Memory: maps are kept in
     float32 (float16 would merge distinct scores into ties, so it is not exact) and masks bit-packed,
     4.125 bytes per pixel: 0.73 GB for MVTec AD at 320 px (1,725 maps of 320x320) and 2.0 GB for the
-    30-category MVTec AD + VisA + BTAD union (4,628 maps), per process once gathered. ``compute()`` then
+    30-category MVTec AD + VisA + BTAD union (4,628 maps), per process once gathered (about twice that
+    while torchmetrics gathers and concatenates). ``compute()`` then
     works one category at a time and needs about 35 bytes per pixel of that category on top (0.6 GB for
     160 maps at 320 px). Pass ``compute_on_cpu=True`` to keep the states in host memory rather than on
-    the accelerator.
+    the accelerator. Feed batches with ``update()``; calling the object itself (``forward``) would also
+    compute metrics of the lone batch, which are meaningless here and warn for one-class batches.
     """
 
     is_differentiable = False
@@ -297,7 +299,7 @@ def _level_metrics(
 
 def _reduce(name: str, sweep: ThresholdSweep) -> float:
     kind = name.split("_", 1)[1]
-    return aupro(sweep) if kind == "AUPRO" else _RANKING_METRICS[kind](sweep)
+    return area_under_pro(sweep) if kind == "AUPRO" else _RANKING_METRICS[kind](sweep)
 
 
 def _warn_one_class(level: str, names: list[str], sweep: ThresholdSweep, where: str) -> None:
@@ -349,7 +351,10 @@ def _off_mps(tensor: Tensor) -> Tensor:
 
 
 def _check_finite(values: Tensor, name: str, where: str) -> None:
-    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+    """A finite sum proves every value finite (NaN and inf propagate); only otherwise look closer."""
+    if not values.is_floating_point() or bool(torch.isfinite(values.sum())):
+        return
+    if not bool(torch.isfinite(values).all()):
         raise DataError(f"{where}: {name} contain NaN or infinite values; check the model outputs")
 
 

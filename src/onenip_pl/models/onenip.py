@@ -34,7 +34,8 @@ class OneNIP(nn.Module):
 
     Inputs are RGB images in [0, 1]; `pixel_mean`/`pixel_std` default to the backbone's pretrained config.
     `fusion_scale` weighs the refiner map in anomaly_map = 0.5 * rec_map + 0.5 * fusion_scale * refiner_map;
-    it is a buffer so a calibrated value travels with the weights.
+    it is a buffer so a calibrated value travels with the weights. `channels_last` runs the backbone in NHWC
+    layout (faster on CPU, same maths).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class OneNIP(nn.Module):
         refiner_channels: int = 128,
         pixel_mean: Sequence[float] | None = None,
         pixel_std: Sequence[float] | None = None,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % 16:
@@ -68,7 +70,9 @@ class OneNIP(nn.Module):
         weights = (
             None if backbone_weights is None else state_dict_of(load_checkpoint_safely(backbone_weights))
         )
-        self.backbone = Backbone(backbone, tuple(out_indices), pretrained, weights, official_padding)
+        self.backbone = Backbone(
+            backbone, tuple(out_indices), pretrained, weights, official_padding, channels_last
+        )
         self.feature_channels = sum(self.backbone.channels)
         self.neck = Neck(self.feature_size)
         self.reconstructor = Reconstructor(

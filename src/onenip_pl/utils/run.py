@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,25 @@ from onenip_pl.metrics.reports import format_table, write_reports
 
 log = logging.getLogger(__name__)
 
+REPORT_DEFAULTS = {"images_per_category": 4, "curves": True}
+
+
+def report_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``report`` block of a run config (visual grids and ROC/PR curves), with defaults filled in."""
+    settings = dict(REPORT_DEFAULTS)
+    settings.update(cfg.get("report") or {})
+    return {name: settings[name] for name in REPORT_DEFAULTS}
+
 
 @rank_zero_only
-def report_results(results: dict[str, Any], output_dir: str | Path, loggers: list[Logger]) -> None:
-    """Print the per-category table, write metrics.json/csv/md and log the table to W&B."""
+def report_results(
+    results: dict[str, Any],
+    output_dir: str | Path,
+    loggers: list[Logger],
+    files: Mapping[str, Mapping[str, Path]] | None = None,
+) -> None:
+    """Print the per-category table, write metrics.json/csv/md and log the table to W&B, with the
+    visual report's PNG files (``{"visuals": {category: path}, "curves": {...}}``) as W&B images."""
     print(format_table(results), flush=True)
     paths = write_reports(results, Path(output_dir))
     log.info("Metrics written to %s", ", ".join(str(p) for p in paths.values()))
@@ -29,6 +45,13 @@ def report_results(results: dict[str, Any], output_dir: str | Path, loggers: lis
             ]
             rows.append(["mean", *[results["mean"].get(m) for m in metric_names]])
             logger.log_table("test/per_category", columns=["category", *metric_names], data=rows)
+            for kind, pictures in (files or {}).items():
+                if pictures:
+                    images = [str(path) for path in pictures.values()]
+                    logger.log_image(f"test/{kind}", images, caption=list(pictures))
+    for kind, pictures in (files or {}).items():
+        if pictures:
+            log.info("Test %s written to %s", kind, Path(next(iter(pictures.values()))).parent)
 
 
 @rank_zero_only

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, open_dict
 
@@ -14,14 +16,16 @@ _QUIET_MODES = ("offline", "dryrun", "disabled")
 
 
 def wandb_has_credentials() -> bool:
-    """True when an API key is in the environment, W&B's settings or ~/.netrc."""
+    """True when an API key is in the environment or in ~/.netrc (where `wandb login` puts it).
+
+    Looked up without calling W&B: its API client prompts or raises when no key exists.
+    """
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        import wandb
-
-        return bool(wandb.Api(timeout=1).api_key)
-    except Exception:  # noqa: BLE001 - any failure here only means "no usable key"
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
         return False
 
 
@@ -61,5 +65,7 @@ def prepare_wandb_config(conf: DictConfig) -> DictConfig:
             conf.group = conf.get("group") or identity[0]
             conf.name = conf.get("name") or identity[1]
     if offline:
+        # W&B's own switch as well: wandb.init must not try to log in, whatever else is configured
+        os.environ["WANDB_MODE"] = "offline" if mode not in _QUIET_MODES else mode
         Path(conf.save_dir).mkdir(parents=True, exist_ok=True)
     return conf

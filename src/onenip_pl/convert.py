@@ -1,0 +1,136 @@
+"""Convert an authors' checkpoint: `python -m onenip_pl.convert official_ckpt=PATH image_size=224 out=PATH`.
+
+The authors' file is read with torch.load(weights_only=True) (a file needing arbitrary unpickling is refused)
+and mapped key by key (onenip_pl.models.official); unknown, missing or mis-shaped keys stop the conversion.
+The result is a Lightning checkpoint of OneNIPModule that `onenip_pl.eval` loads like a trained one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning
+import torch
+from omegaconf import DictConfig
+
+from onenip_pl.config import config_dir
+from onenip_pl.data.datasets import load_image, normal_train_index
+from onenip_pl.data.readers import read_dataset
+from onenip_pl.errors import CheckpointError, ConfigError, OneNIPError
+from onenip_pl.lightning.module import OneNIPModule
+from onenip_pl.models.backbone import OFFICIAL_BACKBONE
+from onenip_pl.models.official import load_checkpoint_safely, load_official_state_dict, state_dict_of
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _prompt_images(root: str, dataset: str, image_size: int, per_category: int) -> dict[str, torch.Tensor]:
+    """The first `per_category` normal training images of each category of a data set (K×3×S×S uint8)."""
+    if per_category < 1:
+        raise ConfigError(f"prompts_per_category={per_category} must be at least 1.")
+    records = read_dataset(dataset, root)
+    pool = normal_train_index(records)
+    return {
+        category: torch.stack(
+            [
+                torch.from_numpy(load_image(records[i].path, image_size)).permute(2, 0, 1)
+                for i in indices[:per_category]
+            ]
+        )
+        for category, indices in sorted(pool.items())
+    }
+
+
+def convert_checkpoint(
+    official_ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    image_size: int = 224,
+    fusion: str = "official",
+    prompt_root: str | None = None,
+    prompt_dataset: str = "mvtec",
+    prompts_per_category: int = 1,
+) -> Path:
+    """Write `out`: OneNIPModule hyper-parameters (authors' B4, its padding quirk) and the mapped weights."""
+    source = Path(official_ckpt).expanduser()
+    checkpoint = load_checkpoint_safely(source)
+    module = OneNIPModule(
+        fusion=fusion,
+        backbone=OFFICIAL_BACKBONE,
+        image_size=image_size,
+        pretrained=False,
+        official_padding=True,
+    )
+    try:
+        load_official_state_dict(module.net, state_dict_of(checkpoint))
+    except CheckpointError as error:
+        raise CheckpointError(
+            f"{source}: {error} If only pos_embed differs in shape, image_size={image_size} is not the size "
+            "this checkpoint was trained at (the authors released 224, 256 and 320 px)."
+        ) from error
+    if prompt_root is not None:
+        module.build_prompt_bank(
+            _prompt_images(prompt_root, prompt_dataset, image_size, prompts_per_category)
+        )
+    destination = Path(out).expanduser()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_lightning_checkpoint(module, source), destination)
+    log.info("Wrote %s (from %s, %d px, fusion=%s)", destination, source, image_size, fusion)
+    return destination
+
+
+def _lightning_checkpoint(module: OneNIPModule, source: Path) -> dict[str, Any]:
+    """What load_from_checkpoint needs, in plain containers so that weights_only=True loading works."""
+    return {
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+        "state_dict": module.state_dict(),
+        "hparams_name": "kwargs",
+        "hyper_parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in module.hparams.items()},
+        "prompt_bank": module.prompt_bank,
+        "converted_from": {"path": str(source), "sha256": _sha256(source)},
+    }
+
+
+def convert(cfg: DictConfig) -> Path:
+    """The CLI's work: convert `cfg.official_ckpt` into `cfg.out` and say how to evaluate it."""
+    out = convert_checkpoint(
+        cfg.official_ckpt,
+        cfg.out,
+        int(cfg.image_size),
+        cfg.fusion,
+        cfg.prompt_root,
+        cfg.prompt_dataset,
+        int(cfg.prompts_per_category),
+    )
+    log.info(
+        "Evaluate it: python -m onenip_pl.eval ckpt_path=%s experiment=mvtec data.root=/path/to/mvtec", out
+    )
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="convert")
+def main(cfg: DictConfig) -> None:
+    try:
+        convert(cfg)
+    except OneNIPError as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

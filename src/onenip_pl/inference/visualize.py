@@ -1,0 +1,76 @@
+"""Pictures of a prediction: heat-map overlay with the thresholded region outlined, 16-bit map PNGs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from onenip_pl.errors import ConfigError
+
+HEAT_WEIGHT = 0.45
+CONTOUR_RGB = (255, 255, 255)
+
+
+def heat_colours(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
+    """H×W map -> H×W×3 uint8 RGB (jet colour map), `low` blue and `high` red."""
+    span = max(high - low, 1e-12)
+    unit = np.clip((anomaly_map - low) / span, 0.0, 1.0)
+    bgr = cv2.applyColorMap(np.round(unit * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    pixel_threshold: float | None = None,
+    label: str | None = None,
+) -> np.ndarray:
+    """The image blended with its heat-map, the region above `pixel_threshold` outlined, `label` on top.
+
+    Colours span this map's own min..max (at least up to the threshold), so a normal image is not painted
+    red; the outline and the label carry the decision.
+    """
+    if image.shape[:2] != anomaly_map.shape:
+        raise ValueError(f"image {image.shape[:2]} and map {anomaly_map.shape} differ in size")
+    low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    threshold = pixel_threshold if pixel_threshold is not None and math.isfinite(pixel_threshold) else None
+    if threshold is not None:
+        high = max(high, threshold)
+    blended = cv2.addWeighted(image, 1.0 - HEAT_WEIGHT, heat_colours(anomaly_map, low, high), HEAT_WEIGHT, 0)
+    if threshold is not None:
+        region = (anomaly_map > threshold).astype(np.uint8)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        thickness = max(1, round(min(image.shape[:2]) / 200))
+        cv2.drawContours(blended, contours, -1, CONTOUR_RGB, thickness)
+    if label:
+        _draw_label(blended, label)
+    return blended
+
+
+def _draw_label(image: np.ndarray, text: str) -> None:
+    """Write `text` top-left on a dark box, scaled to the image."""
+    scale = max(0.3, min(image.shape[:2]) / 500)
+    thickness = max(1, round(scale * 1.5))
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    cv2.rectangle(image, (0, 0), (width + 4, height + baseline + 4), (0, 0, 0), thickness=-1)
+    cv2.putText(
+        image, text, (2, height + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA
+    )
+
+
+def save_rgb(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def save_map_png16(anomaly_map: np.ndarray, path: Path, full_scale: float) -> None:
+    """A 16-bit gray PNG of the map: value = map / full_scale · 65535, clipped (full_scale is recorded)."""
+    if not math.isfinite(full_scale) or full_scale <= 0:
+        raise ConfigError(f"the 16-bit map scale {full_scale} must be a positive number; set png16_max.")
+    scaled = np.clip(np.round(anomaly_map.astype(np.float64) / full_scale * 65535.0), 0, 65535)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(scaled.astype(np.uint16)).save(path)
