@@ -26,16 +26,23 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale an integer or float array of any depth to 8 bit."""
+def scale_to_uint8(array: np.ndarray, name: str = "image") -> np.ndarray:
+    """uint8 as is; integers on a 16-bit scale if any value exceeds 255; floats in [0, 1] or [0, 255].
+
+    The one conversion used for files (16-bit PNG/TIFF) and for arrays handed to the detector.
+    """
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
         top = 65535.0 if array.max(initial=0) > 255 else 255.0
-        return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-    top = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DataError(f"{name} holds NaN or infinite values; pass finite pixel values.")
+        top = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+    else:
+        raise DataError(f"{name} has dtype {array.dtype}; pass uint8, uint16 or float pixels.")
     return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
@@ -48,7 +55,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     path = Path(path)
     image = _open(path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        gray = _to_uint8(np.asarray(image))
+        gray = scale_to_uint8(np.asarray(image), str(path))
         return np.repeat(gray[..., None], 3, axis=2)
     array = np.asarray(image.convert("RGB"))
     if array.ndim != 3 or array.shape[2] != 3:

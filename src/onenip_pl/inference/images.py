@@ -16,29 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from onenip_pl.data.image_io import read_rgb
+from onenip_pl.data.image_io import read_rgb, scale_to_uint8
 from onenip_pl.errors import DataError
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 _CHANNEL_COUNTS = (1, 3, 4)
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
-
-
-def _scaled_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
-    """uint8 as is; integers on a 16-bit scale if any value exceeds 255; floats in [0, 1] or [0, 255]."""
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.integer):
-        top = 65535.0 if array.max(initial=0) > 255 else 255.0
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise DataError(f"{name} holds NaN or infinite values; pass finite pixel values.")
-        top = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
-    else:
-        raise DataError(f"{name} has dtype {array.dtype}; pass uint8, uint16 or float pixels.")
-    return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def array_to_rgb(array: np.ndarray, name: str = "image array") -> np.ndarray:
@@ -54,7 +37,7 @@ def array_to_rgb(array: np.ndarray, name: str = "image array") -> np.ndarray:
         )
     if min(array.shape[:2]) < 1:
         raise DataError(f"{name} is empty (shape {array.shape}).")
-    rgb = _scaled_to_uint8(array, name)
+    rgb = scale_to_uint8(array, name)
     if channels == 1:
         rgb = np.repeat(rgb, 3, axis=2)
     return np.ascontiguousarray(rgb[..., :3])
