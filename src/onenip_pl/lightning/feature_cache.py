@@ -168,15 +168,14 @@ class MemoryFeatureCache(FeatureCache):
         # a copy, so the entry does not keep the whole batch's feature tensor alive
         self._entries[index] = features.detach().clone()
 
-    def nbytes(self) -> int:
-        return sum(entry.numel() * entry.element_size() for entry in self._entries.values())
-
 
 class DiskFeatureCache(FeatureCache):
     """One ``<index>.npz`` (features as float32 and the image signature) per image under ``directory``.
 
     Files are written atomically (temporary file, then rename), so DDP ranks sharing the folder never read
     half a file; a later run with the same backbone and image size starts with every entry present.
+    Reading goes through pinned memory without waiting for a GPU; writing a new entry copies it to the host,
+    which waits for the GPU, but only on the steps that meet an image for the first time.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
