@@ -7,6 +7,7 @@ token to attend to its own window, so it cannot copy itself and must reconstruct
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -72,8 +73,8 @@ def _workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A buffer per name (and dtype, device), grown to the largest size asked for and reused: fresh
     (images x heads x tokens x tokens) temporaries at every step would be new memory mappings each time, and
     their page faults cost more than the arithmetic on them. The view is valid until the next call for the
-    same name."""
-    key = (name, like.dtype, like.device)
+    same name in the same thread (autograd runs a CPU backward in the thread that called it)."""
+    key = (name, like.dtype, like.device, threading.get_ident())
     count = math.prod(shape)
     if key not in _WORKSPACE or _WORKSPACE[key].numel() < count:
         _WORKSPACE[key] = torch.empty(count, dtype=like.dtype, device=like.device)
