@@ -191,3 +191,37 @@ def test_bf16_autocast_training_step_runs_close_to_float32():
     assert all(torch.isfinite(g).all() for g in grads.values())
     scale = float(expected.abs().max())
     assert float((actual.float() - expected).abs().max()) < 0.05 * scale
+
+
+def gradient_moments(model: OneNIP, features: Tensor, target: Tensor, draws: int) -> tuple[Tensor, Tensor]:
+    """Mean of the reconstructor's gradient over dropout draws, and the variance of that mean."""
+    total = squares = torch.zeros((), dtype=torch.float64)
+    for _ in range(draws):
+        model.zero_grad(set_to_none=True)
+        reconstruction = model.reconstruct(features[:4], features[4:])
+        (reconstruction - target).square().mean().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.reconstructor.parameters()]).double()
+        total, squares = total + grad, squares + grad.square()
+    mean = total / draws
+    return mean, (squares / draws - mean.square()) / draws
+
+
+def test_packed_path_has_the_gradient_distribution_of_torch_dropout():
+    """Against the real F.scaled_dot_product_attention and nn.Dropout (torch's own masks): over many draws,
+    the gradients' mean and spread agree, so training sees the same noise, not only the same formula."""
+    torch.manual_seed(0)
+    model = OneNIP(**{**TINY, "jitter_prob": 0.0}).train()
+    features = torch.randn(6, model.feature_channels, 8, 8)
+    target = torch.randn(4, model.feature_channels, 8, 8)
+    draws = 150
+    torch.manual_seed(1)
+    packed_mean, packed_var = gradient_moments(model, features, target, draws)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reconstructor, "_compact_on_cpu", lambda x: False)
+        torch.manual_seed(2)
+        torch_mean, torch_var = gradient_moments(model, features, target, draws)
+    varies = (packed_var + torch_var) > 0
+    z = ((packed_mean - torch_mean) / (packed_var + torch_var).sqrt())[varies]
+    assert abs(float(z.mean())) < 0.05 and 0.85 < float(z.std()) < 1.15, (float(z.mean()), float(z.std()))
+    spread_ratio = float(packed_var[varies].sum() / torch_var[varies].sum())
+    assert 0.9 < spread_ratio < 1.1, spread_ratio

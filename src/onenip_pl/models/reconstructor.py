@@ -66,7 +66,8 @@ def dropout_keep_bits(count: int, p: float) -> Tensor:
         raise ValueError(f"dropout probability {p} must lie strictly between 0 and 1 here.")
     seed = int(torch.randint(torch.iinfo(torch.int64).max, ()))
     bits = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
-    return torch.from_numpy(np.packbits(bits < round((1.0 - p) * _UINT32_RANGE)))
+    threshold = min(round((1.0 - p) * _UINT32_RANGE), _UINT32_RANGE - 1)
+    return torch.from_numpy(np.packbits(bits < threshold))
 
 
 def _workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
