@@ -32,15 +32,21 @@ def _torch_threads():
     yield
 
 
+# The model every quick test uses: EfficientNet-Lite0 without weights and a two-head transformer.
+TINY_MODEL_ARGS = {
+    "backbone": "tf_efficientnet_lite0",
+    "pretrained": False,
+    "hidden_dim": 32,
+    "num_heads": 2,
+    "feedforward_dim": 64,
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 1,
+    "refiner_channels": 16,
+}
+# the same as Hydra overrides of the model group
 TINY_MODEL = [
-    "model.backbone=tf_efficientnet_lite0",
-    "model.pretrained=false",
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "model.feedforward_dim=64",
-    "model.num_encoder_layers=1",
-    "model.num_decoder_layers=1",
-    "model.refiner_channels=16",
+    f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+    for key, value in TINY_MODEL_ARGS.items()
 ]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL_ARGS
 from torch import Tensor
 
 from onenip_pl.models import OneNIP, reconstructor
@@ -25,17 +26,7 @@ from onenip_pl.models.reconstructor import (
 )
 
 TOLERANCE = 1e-5
-TINY = {
-    "backbone": "tf_efficientnet_lite0",
-    "pretrained": False,
-    "image_size": 128,
-    "hidden_dim": 32,
-    "num_heads": 2,
-    "feedforward_dim": 64,
-    "num_encoder_layers": 2,
-    "num_decoder_layers": 1,
-    "refiner_channels": 16,
-}
+TINY = {**TINY_MODEL_ARGS, "image_size": 128, "num_encoder_layers": 2}
 
 
 def unpacked(bits: Tensor, count: int) -> np.ndarray:

@@ -8,20 +8,13 @@ from dataclasses import dataclass
 import pytest
 import timm
 import torch
+from conftest import TINY_MODEL_ARGS
 
 from onenip_pl.errors import CheckpointError, ConfigError, DataError
 from onenip_pl.models import OneNIP, load_checkpoint_safely, onenip_loss
 from onenip_pl.models.backbone import Backbone
 
-TINY = {
-    "backbone": "tf_efficientnet_lite0",
-    "hidden_dim": 32,
-    "num_heads": 2,
-    "feedforward_dim": 64,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "refiner_channels": 16,
-}
+TINY = TINY_MODEL_ARGS
 LITE0_CHANNELS = 16 + 24 + 40 + 112
 OUTPUT_NAMES = {
     "query_features",

@@ -13,7 +13,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import TINY_MODEL_ARGS, tiny_overrides
 from torch.utils.data import DataLoader, default_collate
 
 from onenip_pl.config import compose
@@ -28,17 +28,7 @@ from onenip_pl.train import train
 
 TOLERANCE = 1e-5
 SIZE = 64
-TINY = {
-    "backbone": "tf_efficientnet_lite0",
-    "pretrained": False,
-    "image_size": SIZE,
-    "hidden_dim": 32,
-    "num_heads": 2,
-    "feedforward_dim": 64,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "refiner_channels": 16,
-}
+TINY = {**TINY_MODEL_ARGS, "image_size": SIZE}
 
 
 @pytest.fixture(scope="module")

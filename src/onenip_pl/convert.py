@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig
 from onenip_pl.config import config_dir
 from onenip_pl.data.datasets import load_image, normal_train_index
 from onenip_pl.data.readers import read_dataset
-from onenip_pl.errors import CheckpointError, ConfigError, OneNIPError
+from onenip_pl.errors import CheckpointError, ConfigError, run_or_exit
 from onenip_pl.lightning.module import OneNIPModule
 from onenip_pl.models.backbone import OFFICIAL_BACKBONE
 from onenip_pl.models.official import load_checkpoint_safely, load_official_state_dict, state_dict_of
@@ -125,11 +124,7 @@ def convert(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="convert")
 def main(cfg: DictConfig) -> None:
-    try:
-        convert(cfg)
-    except OneNIPError as err:
-        log.error("%s", err)
-        sys.exit(1)
+    run_or_exit(convert, cfg, log)
 
 
 if __name__ == "__main__":

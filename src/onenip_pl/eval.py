@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from onenip_pl.config import config_dir
-from onenip_pl.errors import ConfigError, OneNIPError
+from onenip_pl.errors import ConfigError, run_or_exit
 from onenip_pl.lightning.module import OneNIPModule
 from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from onenip_pl.utils.run import finish_loggers, report_results, report_settings
@@ -62,11 +61,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except OneNIPError as err:
-        log.error("%s", err)
-        sys.exit(1)
+    run_or_exit(evaluate, cfg, log)
 
 
 if __name__ == "__main__":

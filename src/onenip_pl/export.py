@@ -7,14 +7,13 @@ next to it says the same for a reader without this package.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from onenip_pl.config import config_dir
-from onenip_pl.errors import OneNIPError
+from onenip_pl.errors import run_or_exit
 from onenip_pl.inference import OneNIPDetector
 from onenip_pl.inference.exporters import ExportResult, export_detector
 
@@ -47,11 +46,7 @@ def export(cfg: DictConfig) -> ExportResult:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        export(cfg)
-    except OneNIPError as err:
-        log.error("%s", err)
-        sys.exit(1)
+    run_or_exit(export, cfg, log)
 
 
 if __name__ == "__main__":

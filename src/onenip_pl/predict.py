@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from onenip_pl.config import config_dir
 from onenip_pl.data.image_io import IMAGE_EXTENSIONS, read_rgb
-from onenip_pl.errors import ConfigError, DataError, OneNIPError
+from onenip_pl.errors import ConfigError, DataError, run_or_exit
 from onenip_pl.inference import Detection, OneNIPDetector
 from onenip_pl.inference.visualize import overlay, save_map_png16, save_rgb
 
@@ -257,11 +257,7 @@ def _log_summary(report: PredictReport) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    try:
-        report = predict_files(cfg)
-    except OneNIPError as err:
-        log.error("%s", err)
-        sys.exit(1)
+    report = run_or_exit(predict_files, cfg, log)
     if report.failures:
         sys.exit(1)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from onenip_pl.config import config_dir
-from onenip_pl.errors import ConfigError, OneNIPError
+from onenip_pl.errors import ConfigError, run_or_exit
 from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from onenip_pl.utils.run import finish_loggers, report_results, report_settings
 from onenip_pl.utils.sweep import in_multirun_job, make_ddp_ranks_rerun_this_job, write_job_metrics
@@ -101,12 +100,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_RANK_FILTER)
-    try:
-        metrics = train(cfg)
-        return optimized_value(metrics, cfg.get("optimized_metric"))
-    except OneNIPError as err:
-        log.error("%s", err)
-        sys.exit(1)
+
+    def job(config: DictConfig) -> float | None:
+        return optimized_value(train(config), config.get("optimized_metric"))
+
+    return run_or_exit(job, cfg, log)
 
 
 def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
