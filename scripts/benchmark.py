@@ -204,12 +204,19 @@ def setup_process(settings: dict[str, Any]) -> torch.device:
 
 
 def build_module(settings: dict[str, Any], device: torch.device) -> nn.Module:
-    from onenip_pl.lightning.module import OneNIPModule
+    """The training config's module on ``device``, with the CPU training kernels its switch asks for."""
+    from hydra.utils import instantiate
 
-    model = {k: v for k, v in settings["model"].items() if k != "_target_"}
+    from onenip_pl.models.ops import training_kernels
+
+    model = dict(settings["model"])
     if model.get("feature_cache") == "disk" and not model.get("feature_cache_dir"):
         model["feature_cache_dir"] = settings["scratch_dir"]
-    return OneNIPModule(**model).to(device)
+    module = instantiate(model).to(device)
+    kernels = training_kernels(module.hparams.cpu_training_kernels, device)
+    if kernels is not None:
+        kernels.install(module.net.reconstructor)
+    return module
 
 
 def precision_context(settings: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:

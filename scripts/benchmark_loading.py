@@ -21,7 +21,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from onenip_pl.data.datasets import CACHE_MODES, ImageSource, TrainTripletDataset  # noqa: E402
+from onenip_pl.data.datasets import IMAGE_CACHE_MODES, ImageSource, TrainTripletDataset  # noqa: E402
 from onenip_pl.data.readers import read_dataset  # noqa: E402
 from onenip_pl.data.synthesis import AnomalySynthesizer  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> None:
     records = [r for r in read_dataset(args.reader, args.root) if r.split == "train"]
     results = []
     with tempfile.TemporaryDirectory() as cache_dir:
-        for cache in CACHE_MODES:
+        for cache in IMAGE_CACHE_MODES:
             results.append(time_epochs(records, args.image_size, cache, args.epochs, cache_dir))
     print(f"{len(records)} training images from {args.root} at {args.image_size} px, {args.epochs} epochs")
     print("cache      setup s  fetch ep1 s  fetch later s  speed-up  samples later s  speed-up")

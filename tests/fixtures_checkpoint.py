@@ -33,7 +33,7 @@ def tiny_checkpoint(tiny_demo_root: Path, tmp_path_factory) -> Path:
         "logger=none",
         "test=false",
         "model.pretrained=true",
-        f"prompt_bank.per_category={PROMPTS_PER_CATEGORY}",
+        f"callbacks.prompt_bank.per_category={PROMPTS_PER_CATEGORY}",
     )
     train(compose("train", overrides))
     return output_dir / "checkpoints" / "last.ckpt"

@@ -12,7 +12,8 @@ from dataset_trees import make_btad_tree, make_mvtec_tree, make_visa_tree, trunc
 from PIL import Image
 from rich.console import Console
 
-from onenip_pl.data.check import check_dataset, check_dtd, check_records, inspect_file, main
+from onenip_pl.check import main
+from onenip_pl.data.check import check_dataset, check_dtd, check_records, inspect_file
 from onenip_pl.data.official_counts import (
     BENCHMARK_CATEGORIES,
     BENCHMARK_TOTALS,
@@ -192,7 +193,7 @@ def test_cli_runs_as_a_module_and_exits_non_zero_on_a_missing_root(tmp_path):
         [
             sys.executable,
             "-m",
-            "onenip_pl.data.check",
+            "onenip_pl.check",
             "data.dataset=btad",
             f"data.root={tmp_path / 'absent'}",
         ],

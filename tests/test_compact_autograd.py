@@ -1,5 +1,5 @@
 """The CPU training path of the transformer: packed dropout masks drawn by NumPy, and attention/dropout
-autograd functions that recompute instead of keeping float tensors (models/reconstructor.py).
+autograd functions that recompute instead of keeping float tensors (models/ops/cpu_training.py).
 
 Three kinds of check: the masks have the right distribution and follow torch's seed; the two autograd
 functions' backward is the exact derivative of their forward (float64 gradcheck); and a whole reconstructor
@@ -17,13 +17,17 @@ import torch
 from conftest import TINY_MODEL_ARGS
 from torch import Tensor
 
-from onenip_pl.models import OneNIP, reconstructor
-from onenip_pl.models.reconstructor import (
-    CompactDropout,
+from onenip_pl.models import OneNIP
+from onenip_pl.models.ops import cpu_training
+from onenip_pl.models.ops.cpu_training import (
+    CPUTrainingKernels,
     DropoutAttention,
+    PackedDropoutFunction,
+    PackedReluDropoutFunction,
+    Workspace,
     dropout_keep_bits,
-    neighbor_attention_bias,
 )
+from onenip_pl.models.reconstructor import neighbor_attention_bias
 
 TOLERANCE = 1e-5
 TINY = {**TINY_MODEL_ARGS, "image_size": 128, "num_encoder_layers": 2}
@@ -83,9 +87,9 @@ def test_dropout_attention_backward_is_the_derivative_of_its_forward():
     torch.manual_seed(1)
     bias = neighbor_attention_bias(4, 2).double()
     q, k, v = (torch.randn(6, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    attend = seeded(lambda q, k, v: DropoutAttention.apply(q, k, v, bias, 0.3))
+    attend = seeded(lambda q, k, v: DropoutAttention.apply(q, k, v, bias, 0.3, Workspace()))
     assert torch.autograd.gradcheck(attend, (q, k, v))
-    unmasked = seeded(lambda q, k, v: DropoutAttention.apply(q, k, v, None, 0.3))
+    unmasked = seeded(lambda q, k, v: DropoutAttention.apply(q, k, v, None, 0.3, Workspace()))
     assert torch.autograd.gradcheck(unmasked, (q, k, v))
 
 
@@ -93,7 +97,8 @@ def test_dropout_attention_backward_is_the_derivative_of_its_forward():
 def test_compact_dropout_backward_is_the_derivative_of_its_forward(after_relu):
     torch.manual_seed(2)
     x = torch.randn(5, 7, 9, dtype=torch.float64, requires_grad=True)
-    drop = seeded(lambda x: CompactDropout.apply(x, 0.25, after_relu))
+    function = PackedReluDropoutFunction if after_relu else PackedDropoutFunction
+    drop = seeded(lambda x: function.apply(x, 0.25, Workspace()))
     assert torch.autograd.gradcheck(drop, (x,))
     output = drop(x)
     dropped = (output == 0) & ((x > 0) if after_relu else torch.ones_like(x, dtype=torch.bool))
@@ -154,14 +159,16 @@ def test_packed_path_equals_plain_autograd_with_the_same_masks_in_less_memory():
     model = OneNIP(**TINY).train()
     features = torch.randn(6, model.feature_channels, 8, 8)
     replay = MaskReplay()
+    kernels = CPUTrainingKernels()
+    kernels.install(model.reconstructor)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reconstructor, "dropout_keep_bits", replay.draw)
+        patch.setattr(cpu_training, "dropout_keep_bits", replay.draw)
         actual, grads, packed_bytes = reconstructor_step(model, features)
+    kernels.remove(model.reconstructor)
     # attention: encoder 2, decoder 2 + final; dropouts: encoder 3 per layer, decoder 3 per layer + final
     assert len(replay.masks) == 5 + 6 + 4
     replay.replay = iter(replay.masks)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reconstructor, "_compact_on_cpu", lambda x: False)
         patch.setattr(torch.nn.functional, "scaled_dot_product_attention", replay.reference_attention)
         patch.setattr(torch.nn.functional, "dropout", replay.reference_dropout)
         expected, expected_grads, plain_bytes = reconstructor_step(model, features)
@@ -175,6 +182,7 @@ def test_packed_path_equals_plain_autograd_with_the_same_masks_in_less_memory():
 def test_bf16_autocast_training_step_runs_close_to_float32():
     torch.manual_seed(0)
     model = OneNIP(**TINY).train()
+    CPUTrainingKernels().install(model.reconstructor)
     features = torch.randn(6, model.feature_channels, 8, 8)
     expected, _, _ = reconstructor_step(model, features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -205,12 +213,13 @@ def test_packed_path_has_the_gradient_distribution_of_torch_dropout():
     features = torch.randn(6, model.feature_channels, 8, 8)
     target = torch.randn(4, model.feature_channels, 8, 8)
     draws = 150
+    kernels = CPUTrainingKernels()
+    kernels.install(model.reconstructor)
     torch.manual_seed(1)
     packed_mean, packed_var = gradient_moments(model, features, target, draws)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reconstructor, "_compact_on_cpu", lambda x: False)
-        torch.manual_seed(2)
-        torch_mean, torch_var = gradient_moments(model, features, target, draws)
+    kernels.remove(model.reconstructor)
+    torch.manual_seed(2)
+    torch_mean, torch_var = gradient_moments(model, features, target, draws)
     varies = (packed_var + torch_var) > 0
     z = ((packed_mean - torch_mean) / (packed_var + torch_var).sqrt())[varies]
     assert abs(float(z.mean())) < 0.05 and 0.85 < float(z.std()) < 1.15, (float(z.mean()), float(z.std()))

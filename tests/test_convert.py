@@ -14,7 +14,8 @@ from onenip_pl import OneNIPDetector
 from onenip_pl.config import compose
 from onenip_pl.convert import convert, convert_checkpoint
 from onenip_pl.errors import CheckpointError
-from onenip_pl.eval import evaluate, load_module
+from onenip_pl.eval import evaluate
+from onenip_pl.lightning.module import OneNIPModule
 from onenip_pl.models import OneNIP
 
 IMAGE_SIZE = 224
@@ -73,7 +74,7 @@ def test_converted_checkpoint_is_the_authors_model(converted: Path, official_che
     assert hparams["backbone"] == "tf_efficientnet_b4" and hparams["official_padding"] is True
     assert hparams["image_size"] == IMAGE_SIZE and hparams["pretrained"] is False
     assert checkpoint["prompt_bank"][CATEGORY]["images"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    module = load_module(converted).eval()
+    module = OneNIPModule.load(converted).eval()
     reference = OneNIP.from_official(official_checkpoint, image_size=IMAGE_SIZE)
     images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -95,8 +96,8 @@ def test_convert_then_eval_prints_the_table(
         "trainer.accelerator=cpu",
         "logger=none",
         "++callbacks.rich_progress_bar=null",
-        "++report.images_per_category=0",
-        "++report.curves=false",
+        "callbacks.report.images_per_category=0",
+        "callbacks.report.curves=false",
         f"paths.output_dir={tmp_path}",
     ]
     results = evaluate(compose("eval", overrides))
@@ -124,7 +125,7 @@ def test_fusion_can_be_set_to_calibrated(official_checkpoint: Path, tmp_path: Pa
     checkpoint = torch.load(out, map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["fusion"] == "calibrated"
     assert checkpoint["prompt_bank"] == {}
-    assert not bool(checkpoint["state_dict"]["fusion_calibrated"])
+    assert not checkpoint["state_dict"]["post_processor._extra_state"]["calibrated"]
 
 
 class CodeOnLoad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from PIL import Image
 from onenip_pl import OneNIPDetector
 from onenip_pl.data.datasets import load_image, to_tensor
 from onenip_pl.errors import CheckpointError, ConfigError, DataError
-from onenip_pl.eval import load_module
+from onenip_pl.lightning.module import OneNIPModule
 from onenip_pl.models.onenip import SCORE_POOL_SIZE
 
 IMAGE_SIZE = 64
@@ -47,8 +48,9 @@ def test_checkpoint_carries_bank_and_calibration_and_loads_weights_only(
         assert features.shape[0] == prompts_per_category
         assert features.shape[2:] == (IMAGE_SIZE // 16, IMAGE_SIZE // 16)
     state = checkpoint["state_dict"]
-    assert bool(state["fusion_calibrated"])
-    assert torch.isfinite(state["image_threshold"]) and torch.isfinite(state["pixel_threshold"])
+    calibration = state["post_processor._extra_state"]
+    assert calibration["calibrated"]
+    assert all(math.isfinite(calibration["pooled"][level]) for level in ("image", "pixel"))
     assert float(state["net.fusion_scale"]) != 1.0, "the fusion scale was never calibrated"
     assert isinstance(checkpoint["hyper_parameters"]["out_indices"], list)
 
@@ -63,13 +65,13 @@ def test_predictions_equal_the_lightning_module_averaged_over_prompts(
     detector: OneNIPDetector, tiny_checkpoint: Path, tiny_demo_root: Path, prompts_per_category: int
 ) -> None:
     """The detector (weights_only loading) reproduces eval's module: the mean map over the K bank prompts."""
-    module = load_module(tiny_checkpoint).eval()
+    module = OneNIPModule.load(tiny_checkpoint).eval()
     category = categories_of(tiny_demo_root)[0]
     paths = sorted((tiny_demo_root / category / "test").glob("*/*.png"))[:3]
     images = [load_image(path, IMAGE_SIZE) for path in paths]
     detections = detector.predict(images, category=category)
 
-    prompts = module.prompt_bank[category]["features"]
+    prompts = module.prompt_bank.features_of(category)
     assert len(prompts) == prompts_per_category
     batch = torch.stack([to_tensor(image) for image in images])
     with torch.no_grad():
@@ -84,7 +86,7 @@ def test_predictions_equal_the_lightning_module_averaged_over_prompts(
         assert detection.category == category
         np.testing.assert_allclose(detection.anomaly_map, expected_map[0].numpy(), rtol=1e-5, atol=1e-4)
         assert detection.score == pytest.approx(float(expected_score), rel=1e-5)
-        assert detection.decision == (detection.score > float(module.image_threshold))
+        assert detection.decision == (detection.score > module.post_processor.thresholds(category)[0])
 
 
 def test_every_input_kind_gives_a_map_at_its_own_resolution(
@@ -208,21 +210,41 @@ class CodeOnLoad:
         return (Path.touch, (self.marker,))
 
 
-def test_checkpoint_with_omegaconf_hyper_parameters_still_loads(
-    tiny_checkpoint: Path, tmp_path: Path
-) -> None:
-    """Checkpoints saved before hyper-parameters were made plain hold OmegaConf lists; those are allowed."""
+def test_checkpoint_of_onenip_pl_0_1_still_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Checkpoints of onenip-pl 0.1 hold OmegaConf lists among their hyper-parameters (allowed), the
+    optimiser settings there, and one pooled threshold as top-level buffers: they are read as they are."""
     from omegaconf import OmegaConf
 
     checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint["hyper_parameters"])
+    calibration = checkpoint["state_dict"]["post_processor._extra_state"]
+    hparams = {**checkpoint["hyper_parameters"], **checkpoint["net_config"]}
+    for key in ("threshold_rule", "cpu_training_kernels"):
+        hparams.pop(key)
+    hparams.update(lr=1e-4, weight_decay=1e-4, lr_step_size=800, lr_gamma=0.1)
     hparams["out_indices"] = OmegaConf.create(hparams["out_indices"])
-    hparams["betas"] = OmegaConf.create(hparams["betas"])
+    hparams["betas"] = OmegaConf.create([0.9, 0.999])
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("post_processor.")}
+    state["fusion_calibrated"] = torch.tensor(True)
+    state["image_threshold"] = torch.tensor(calibration["pooled"]["image"])
+    state["pixel_threshold"] = torch.tensor(calibration["pooled"]["pixel"])
     older = tmp_path / "older.ckpt"
-    torch.save({**checkpoint, "hyper_parameters": hparams}, older)
+    legacy = {k: v for k, v in checkpoint.items() if k not in ("format_version", "net_config")}
+    torch.save(
+        {**legacy, "state_dict": state, "hyper_parameters": hparams, "calibration_prompt": "random, k=1"},
+        older,
+    )
     with pytest.raises(pickle.UnpicklingError, match="ListConfig"):
         torch.load(older, map_location="cpu", weights_only=True)
-    assert OneNIPDetector.from_checkpoint(older).categories == sorted(checkpoint["prompt_bank"])
+
+    detector = OneNIPDetector.from_checkpoint(older)
+    assert detector.categories == sorted(checkpoint["prompt_bank"])
+    assert detector.calibrated
+    assert (detector.image_threshold, detector.pixel_threshold) == pytest.approx(
+        (calibration["pooled"]["image"], calibration["pooled"]["pixel"]), rel=1e-6
+    )
+    module = OneNIPModule.load(older)
+    assert module.post_processor.prompt_setting == "random, k=1"
+    torch.testing.assert_close(module.net.state_dict(), OneNIPModule.load(tiny_checkpoint).net.state_dict())
 
 
 def test_importing_the_package_stays_light() -> None:

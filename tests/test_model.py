@@ -11,7 +11,8 @@ import torch
 from conftest import TINY_MODEL_ARGS
 
 from onenip_pl.errors import CheckpointError, ConfigError, DataError
-from onenip_pl.models import OneNIP, load_checkpoint_safely, onenip_loss
+from onenip_pl.checkpoint_file import read_checkpoint
+from onenip_pl.models import OneNIP, onenip_loss
 from onenip_pl.models.backbone import Backbone
 
 TINY = TINY_MODEL_ARGS
@@ -175,9 +176,9 @@ def test_checkpoints_needing_arbitrary_unpickling_are_refused(tmp_path):
     path = tmp_path / "unsafe.pth"
     torch.save({"state_dict": {}, "config": _ArbitraryObject(1)}, path)
     with pytest.raises(CheckpointError, match="arbitrary code"):
-        load_checkpoint_safely(path)
+        read_checkpoint(path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint_safely(tmp_path / "absent.pth")
+        read_checkpoint(tmp_path / "absent.pth")
 
 
 def test_loss_on_a_hand_computed_case():

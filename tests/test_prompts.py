@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 from onenip_pl.config import compose
 from onenip_pl.data.datasets import PromptedImageDataset, normal_train_index
 from onenip_pl.errors import ConfigError, DataError
-from onenip_pl.inference.retrieval import RetrievalBank, global_descriptor, retrieve_prompts
+from onenip_pl.data.prompts import PromptBank, global_descriptor, retrieve_prompts
 
 
 def _config(root: Path, output_dir: Path, *extra: str):
@@ -140,7 +140,7 @@ def test_retrieval_finds_prompts_without_the_label_and_reports_its_accuracy(
     bank_loader = datamodule.retrieval_bank_dataloader()
     assert len(bank_loader.dataset) == 4 * len(datamodule.category_names)
     with torch.no_grad():
-        bank = RetrievalBank.build(tiny_model.net.extract_features, bank_loader, "cpu")
+        bank = PromptBank.build(tiny_model.net.extract_features, bank_loader, "cpu")
         hits: dict[str, list[bool]] = {}
         for test_batch in datamodule.test_dataloader():
             query = global_descriptor(tiny_model.net.extract_features(test_batch["image"]))
@@ -162,7 +162,7 @@ def test_retrieval_calibration_never_uses_the_image_as_its_own_prompt(
         tiny_demo_root, tmp_path, "data.test_prompt=retrieval", "data.retrieval_images_per_category=null"
     )
     datamodule = _datamodule(cfg)
-    bank = RetrievalBank.build(tiny_model.net.extract_features, datamodule.retrieval_bank_dataloader(), "cpu")
+    bank = PromptBank.build(tiny_model.net.extract_features, datamodule.retrieval_bank_dataloader(), "cpu")
     batch = next(iter(datamodule.calibration_dataloader()))
     query = tiny_model.net.extract_features(batch["image"])
     own_rows = [bank.paths.index(path) for path in batch["path"]]

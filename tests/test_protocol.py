@@ -20,12 +20,13 @@ from conftest import tiny_overrides
 
 from onenip_pl.config import compose
 from onenip_pl.data.samplers import EvalShardSampler
-from onenip_pl.eval import evaluate, load_module
-from onenip_pl.lightning.module import f1_at_threshold
+from onenip_pl.eval import evaluate
+from onenip_pl.lightning.module import OneNIPModule
 from onenip_pl.metrics import AnomalyMetrics, compute_category_metrics
+from onenip_pl.metrics.evaluator import f1_at_threshold
 from onenip_pl.train import train
 
-NO_PICTURES = ("++report.images_per_category=0", "++report.curves=false")
+NO_PICTURES = ("callbacks.report.images_per_category=0", "callbacks.report.curves=false")
 
 
 def _trainer(cfg) -> L.Trainer:
@@ -70,17 +71,11 @@ def test_checkpoint_holds_the_calibration_and_eval_uses_it_unchanged(
 ) -> None:
     state = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     weights = state["state_dict"]
-    assert bool(weights["fusion_calibrated"])
-    saved = {
-        name: float(weights[key])
-        for name, key in [
-            ("scale", "net.fusion_scale"),
-            ("image", "image_threshold"),
-            ("pixel", "pixel_threshold"),
-        ]
-    }
+    calibration = weights["post_processor._extra_state"]
+    assert calibration["calibrated"]
+    saved = {"scale": float(weights["net.fusion_scale"]), **calibration["pooled"]}
     assert all(np.isfinite(list(saved.values())))
-    assert state["calibration_prompt"] == "random, k=1"
+    assert calibration["prompt_setting"] == "random, k=1"
 
     # the same test images, but training images that would give another calibration if it were redone
     root = tmp_path / "data"
@@ -88,14 +83,13 @@ def test_checkpoint_holds_the_calibration_and_eval_uses_it_unchanged(
     for image_path in root.glob("*/train/good/*.png"):
         cv2.imwrite(str(image_path), 255 - cv2.imread(str(image_path)))
     cfg = compose("eval", [*tiny_overrides(root, tmp_path / "eval", "logger=none"), "ckpt_path=x"])
-    model = load_module(trained_run / "checkpoints" / "last.ckpt")
+    model = OneNIPModule.load(trained_run / "checkpoints" / "last.ckpt")
     datamodule = hydra.utils.instantiate(cfg.data)
     with caplog.at_level(logging.WARNING):
         _trainer(cfg).test(model, datamodule=datamodule)
     assert "calibrating now" not in caplog.text
     assert float(model.net.fusion_scale) == saved["scale"]
-    assert float(model.image_threshold) == saved["image"]
-    assert float(model.pixel_threshold) == saved["pixel"]
+    assert model.post_processor.thresholds(None) == (saved["image"], saved["pixel"])
 
     # F1 at the saved thresholds, recomputed from the network's own maps
     fused = _fused_by_category(_direct_maps(model, datamodule.test_dataloader()), saved["scale"])
@@ -106,7 +100,7 @@ def test_checkpoint_holds_the_calibration_and_eval_uses_it_unchanged(
         assert values["pixel_F1"] == pytest.approx(expected_pixel, nan_ok=True)
 
     # recalibrating on these training images would have moved the scale: the check above can fail
-    assert model.calibrate_fusion(datamodule.calibration_dataloader()) != pytest.approx(saved["scale"])
+    assert model.calibrate(datamodule.calibration_dataloader()) != pytest.approx(saved["scale"])
 
 
 def test_f1_at_threshold_counts_the_fixed_decision() -> None:
@@ -134,7 +128,7 @@ def test_official_fusion_is_the_authors_test_set_formula(tiny_demo_root: Path, t
         data = fused[category]
         expected = compute_category_metrics(data["scores"], data["labels"], data["maps"], data["masks"])
         assert values == pytest.approx(expected, rel=1e-6, nan_ok=True)
-    assert not bool(model.fusion_calibrated), "the test set's scale must not be stored as a calibration"
+    assert not model.post_processor.calibrated, "the test set's scale must not be stored as a calibration"
     assert float(model.net.fusion_scale) == 1.0
 
 
@@ -180,12 +174,12 @@ def test_validation_split_serves_calibration_and_the_last_weights_are_tested(
     calibration = datamodule.calibration_dataloader()
     assert {str(r.path) for r in calibration.dataset.records} == held_out
 
-    model = load_module(tmp_path / "checkpoints" / "last.ckpt")
+    model = OneNIPModule.load(tmp_path / "checkpoints" / "last.ckpt")
     saved_scale = float(model.net.fusion_scale)
-    assert model.calibrate_fusion(calibration) == pytest.approx(saved_scale, rel=1e-6)
+    assert model.calibrate(calibration) == pytest.approx(saved_scale, rel=1e-6)
     without_validation = hydra.utils.instantiate(cfg.data, val_fraction=0.0)
     without_validation.setup()
-    assert model.calibrate_fusion(without_validation.calibration_dataloader()) != pytest.approx(saved_scale)
+    assert model.calibrate(without_validation.calibration_dataloader()) != pytest.approx(saved_scale)
 
     # the test ran on the final weights: evaluating last.ckpt reproduces it
     eval_overrides = tiny_overrides(

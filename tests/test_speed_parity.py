@@ -22,6 +22,7 @@ from onenip_pl.data.readers import read_dataset
 from onenip_pl.data.synthesis import AnomalySynthesizer
 from onenip_pl.errors import ConfigError, DataError
 from onenip_pl.lightning.feature_cache import backbone_fingerprint, cache_bytes
+from onenip_pl.lightning.guards import NonFiniteGuard
 from onenip_pl.lightning.module import OneNIPModule
 from onenip_pl.models import OneNIP
 from onenip_pl.train import train
@@ -176,12 +177,27 @@ def test_tiny_training_with_the_disk_cache_through_hydra(tiny_demo_root, tmp_pat
     assert 4 <= len(cached) <= normal_train_images
 
 
+class PoisonedFirstTriplet(TrainTripletDataset):
+    """Its first sample's synthetic mask is NaN: the loss of the first step is NaN."""
+
+    def __getitem__(self, item):
+        sample = super().__getitem__(item)
+        if (item[2] if isinstance(item, tuple) else item) == 0:
+            sample["synthetic_mask"] = torch.full_like(sample["synthetic_mask"], float("nan"))
+        return sample
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the deferred loss check only exists on a GPU")
-@pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")
-def test_gpu_non_finite_loss_stops_at_the_next_step_naming_its_step(triplets):
-    module = OneNIPModule(**TINY).cuda().train()
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch_of(triplets, [0, 1]).items()}
-    poisoned = {**batch, "synthetic_mask": torch.full_like(batch["synthetic_mask"], float("nan"))}
-    module.training_step(poisoned, 0)
+def test_gpu_non_finite_loss_stops_at_the_next_step_naming_its_step(triplets, tmp_path):
+    dataset = PoisonedFirstTriplet(triplets.source, triplets.synthesizer, seed=0)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[NonFiniteGuard()],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FloatingPointError, match="global step 0"):
-        module.training_step(batch, 1)
+        trainer.fit(OneNIPModule(**TINY), DataLoader(dataset, batch_size=2))

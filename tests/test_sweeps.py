@@ -130,7 +130,7 @@ def test_optuna_search_optimises_a_validation_metric(tiny_demo_root: Path, tmp_p
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert best.best_value == pytest.approx(max(values))
     configs = [run_config(run) for run in _job_runs(sweep_dir, 2)]
-    learning_rates = [c["model"]["lr"] for c in configs]
+    learning_rates = [c["model"]["optimizer"]["lr"] for c in configs]
     assert len(set(learning_rates)) == 2 and all(1e-5 <= lr <= 1e-3 for lr in learning_rates)
     assert all(c["data"]["val_fraction"] == pytest.approx(0.2) for c in configs)
 

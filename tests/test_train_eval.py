@@ -28,8 +28,8 @@ def test_every_experiment_composes(experiment: str, config_name: str) -> None:
     assert cfg.model.image_size == cfg.data.image_size
     if experiment != "demo":
         assert cfg.model.backbone == "tf_efficientnet_b4.aa_in1k"
-        assert cfg.model.lr == pytest.approx(1e-4)
-        assert cfg.model.lr_step_size == 800
+        assert cfg.model.optimizer.lr == pytest.approx(1e-4)
+        assert cfg.model.scheduler.step_size == 800
         assert cfg.trainer.max_epochs == 1000
         assert cfg.trainer.gradient_clip_val == pytest.approx(0.1)
         assert cfg.seed == 133
@@ -54,7 +54,7 @@ def test_tiny_train_then_eval_through_hydra(tiny_demo_root: Path, tmp_path: Path
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert bool(state["state_dict"]["fusion_calibrated"])
+    assert state["state_dict"]["post_processor._extra_state"]["calibrated"]
 
     eval_cfg = compose(
         "eval",

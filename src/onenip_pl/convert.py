@@ -18,13 +18,16 @@ import lightning
 import torch
 from omegaconf import DictConfig
 
+from onenip_pl.checkpoint_file import read_checkpoint, state_dict_of
 from onenip_pl.config import config_dir
-from onenip_pl.data.datasets import load_image, normal_train_index
+from onenip_pl.data.datasets import normal_train_index
+from onenip_pl.data.image_io import load_image
+from onenip_pl.data.prompts import PromptBank
 from onenip_pl.data.readers import read_dataset
 from onenip_pl.errors import CheckpointError, ConfigError, run_or_exit
 from onenip_pl.lightning.module import OneNIPModule
 from onenip_pl.models.backbone import OFFICIAL_BACKBONE
-from onenip_pl.models.official import load_checkpoint_safely, load_official_state_dict, state_dict_of
+from onenip_pl.models.official import load_official_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ def convert_checkpoint(
 ) -> Path:
     """Write `out`: OneNIPModule hyper-parameters (authors' B4, its padding quirk) and the mapped weights."""
     source = Path(official_ckpt).expanduser()
-    checkpoint = load_checkpoint_safely(source)
+    checkpoint = read_checkpoint(source)
     module = OneNIPModule(
         fusion=fusion,
         backbone=OFFICIAL_BACKBONE,
@@ -81,9 +84,8 @@ def convert_checkpoint(
             "this checkpoint was trained at (the authors released 224, 256 and 320 px)."
         ) from error
     if prompt_root is not None:
-        module.build_prompt_bank(
-            _prompt_images(prompt_root, prompt_dataset, image_size, prompts_per_category)
-        )
+        images = _prompt_images(prompt_root, prompt_dataset, image_size, prompts_per_category)
+        module.prompt_bank = PromptBank.from_images(module.net.extract_features, images, "cpu")
     destination = Path(out).expanduser()
     destination.parent.mkdir(parents=True, exist_ok=True)
     torch.save(_lightning_checkpoint(module, source), destination)
@@ -92,17 +94,19 @@ def convert_checkpoint(
 
 
 def _lightning_checkpoint(module: OneNIPModule, source: Path) -> dict[str, Any]:
-    """What load_from_checkpoint needs, in plain containers so that weights_only=True loading works."""
-    return {
+    """A Lightning checkpoint of the module, written as training writes one (module.on_save_checkpoint:
+    prompt bank, network settings, plain containers that weights_only=True loading accepts)."""
+    checkpoint = {
         "pytorch-lightning_version": lightning.__version__,
         "epoch": 0,
         "global_step": 0,
         "state_dict": module.state_dict(),
         "hparams_name": "kwargs",
-        "hyper_parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in module.hparams.items()},
-        "prompt_bank": module.prompt_bank,
+        "hyper_parameters": dict(module.hparams),
         "converted_from": {"path": str(source), "sha256": _sha256(source)},
     }
+    module.on_save_checkpoint(checkpoint)
+    return checkpoint
 
 
 def convert(cfg: DictConfig) -> Path:

@@ -27,6 +27,12 @@ class CheckpointError(OneNIPError, ValueError):
     """A checkpoint file is unsafe, incompatible or has unexpected keys."""
 
 
+def check_choice(setting: str, value: object, choices: tuple) -> None:
+    """ConfigError naming ``setting`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{setting}={value!r} is unknown; use one of {choices}")
+
+
 def run_or_exit(job: Callable[[Config], Result], config: Config, log: logging.Logger) -> Result:
     """Run a command-line entry point's job. A OneNIPError (bad input; its message says what to do) is
     logged on ``log`` and ends the process with status 1, instead of a traceback."""

@@ -8,13 +8,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from onenip_pl.config import config_dir
 from onenip_pl.errors import ConfigError, run_or_exit
+from onenip_pl.lightning.checkpoint_io import SafeCheckpointIO
 from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
-from onenip_pl.utils.run import finish_loggers, report_results, report_settings
+from onenip_pl.utils.run import expected_warnings_silenced, finish_loggers, log_from_rank_zero
 from onenip_pl.utils.sweep import in_multirun_job, make_ddp_ranks_rerun_this_job, write_job_metrics
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,6 @@ def global_batch_size(per_device: int, trainer: L.Trainer) -> int:
     return per_device * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
 
 
-class _OtherRanksErrorsOnly(logging.Filter):
-    """One console and log file, not one per process: ranks other than zero pass on errors only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or rank_zero_only.rank == 0
-
-
-_RANK_FILTER = _OtherRanksErrorsOnly()
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate data, model, callbacks, loggers and trainer from `cfg`; fit, then test."""
     if cfg.get("seed") is not None:
@@ -64,7 +54,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
+    )
 
     batch = {
         "per_device_batch_size": cfg.data.batch_size,
@@ -81,14 +73,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("train"):
         log.info("Starting training")
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, not in_multirun_job())
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        with expected_warnings_silenced():
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
         log.info("Testing the final weights (no checkpoint selection on the test set)")
-        model.configure_reports(output_dir, **report_settings(cfg))
-        trainer.test(model=model, datamodule=datamodule)
-        if model.test_results is not None:
-            report_results(model.test_results, output_dir, loggers, model.report_files)
+        with expected_warnings_silenced():
+            trainer.test(model=model, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     if trainer.is_global_zero:
         write_job_metrics(metrics, output_dir)
@@ -98,8 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_RANK_FILTER)
+    log_from_rank_zero()
 
     def job(config: DictConfig) -> float | None:
         return optimized_value(train(config), config.get("optimized_metric"))

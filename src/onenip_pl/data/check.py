@@ -3,7 +3,7 @@
 A run that dies after an hour on a truncated JPEG, or that quietly scores a defect without its mask,
 wastes far more than the seconds this check takes. ``check_records`` looks at the records a reader
 produced and at every file they name; ``check_dataset`` reads and checks in one call (the datamodule
-calls it at the start of every train and eval); ``python -m onenip_pl.data.check experiment=visa``
+calls it at the start of every train and eval); ``python -m onenip_pl.check experiment=visa``
 does the same from the command line and prints the counts found beside the official ones.
 
 How deeply files are read (``decode``):
@@ -18,9 +18,7 @@ Files are read by a thread pool, since Pillow releases the GIL while decoding.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +26,6 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
-from rich.console import Console
 from rich.table import Table
 
 from onenip_pl.data.image_io import read_mask, read_rgb
@@ -375,56 +372,3 @@ def check_dtd(
         listing = "\n".join(f"  - {line}" for line in report.problems)
         raise DataError(f"{len(report.problems)} problem(s) in the DTD textures at {root}:\n{listing}")
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Compose the training config with the given overrides and check its data set; 0 when clean."""
-    parser = argparse.ArgumentParser(
-        prog="python -m onenip_pl.data.check",
-        description="Check the data set named by the training config (data.dataset, data.root, "
-        "data.categories) before training: counts beside the official ones, and every problem found.",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=visa data.root=DIR")
-    parser.add_argument("--decode", choices=DECODE_LEVELS, default="verify", help="how deeply to read files")
-    parser.add_argument(
-        "--strict-counts", action="store_true", help="treat counts unlike the official release as problems"
-    )
-    args = parser.parse_args(argv)
-
-    from omegaconf import OmegaConf
-
-    from onenip_pl.config import compose
-
-    console = Console()
-    data = compose("train", args.overrides).data
-    root, categories = (
-        OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        for value in (data.root, data.categories)
-    )
-    console.print(
-        f"checking data set {data.dataset} at {root} (decode: {args.decode})", markup=False, soft_wrap=True
-    )
-    try:
-        report = check_dataset(
-            data.dataset,
-            root,
-            categories,
-            decode=args.decode,
-            strict_counts=args.strict_counts,
-            raise_on_problems=False,
-        )
-    except (DataError, ConfigError) as err:
-        console.print(str(err), style="red", markup=False, soft_wrap=True)
-        return 1
-    console.print(report.table())
-    for note in report.notes:
-        console.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
-    if not report.ok:
-        console.print(report.message(), style="red", markup=False, soft_wrap=True)
-        return 1
-    console.print(f"[green]OK[/]: {report.files_checked} files checked, no problems")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

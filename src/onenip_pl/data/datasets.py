@@ -16,20 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from onenip_pl.data.image_io import read_mask, read_rgb
+from onenip_pl.data.image_io import load_image, read_mask, to_tensor
+from onenip_pl.data.prompts import PROMPT_MODES, choose_prompt_indices
 from onenip_pl.data.records import ImageRecord
 from onenip_pl.data.synthesis import AnomalySynthesizer
 from onenip_pl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-
-def load_image(path, image_size: int) -> np.ndarray:
-    """Decode an image and resize it bilinearly to image_size × image_size (uint8 RGB)."""
-    image = read_rgb(path)
-    if image.shape[0] != image_size or image.shape[1] != image_size:
-        image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-    return image
 
 
 def load_mask(path, image_size: int) -> np.ndarray:
@@ -38,11 +31,6 @@ def load_mask(path, image_size: int) -> np.ndarray:
     if mask.shape[0] != image_size or mask.shape[1] != image_size:
         mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
     return (mask > 0).astype(np.float32)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """H×W×3 uint8 → 3×H×W float in [0, 1] (the model normalises itself)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
 def normal_train_index(records: Sequence[ImageRecord]) -> dict[str, list[int]]:
@@ -54,7 +42,7 @@ def normal_train_index(records: Sequence[ImageRecord]) -> dict[str, list[int]]:
     return dict(pool)
 
 
-CACHE_MODES = ("none", "memory", "disk")
+IMAGE_CACHE_MODES = ("none", "memory", "disk")
 
 
 class ImageSource:
@@ -75,8 +63,8 @@ class ImageSource:
         cache: str = "none",
         cache_dir: str | Path | None = None,
     ) -> None:
-        if cache not in CACHE_MODES:
-            raise ConfigError(f"data.cache_images={cache!r} is unknown; use one of {CACHE_MODES}")
+        if cache not in IMAGE_CACHE_MODES:
+            raise ConfigError(f"data.cache_images={cache!r} is unknown; use one of {IMAGE_CACHE_MODES}")
         if cache == "disk" and cache_dir is None:
             raise ConfigError("data.cache_images=disk needs data.cache_dir")
         self.records = list(records)
@@ -183,9 +171,6 @@ class TrainTripletDataset(Dataset):
         }
 
 
-PROMPT_MODES = ("random", "first", "retrieval")
-
-
 class PromptedImageDataset(Dataset):
     """Yields (image, prompt, mask, label, category, path) for evaluation and calibration.
 
@@ -194,7 +179,7 @@ class PromptedImageDataset(Dataset):
     same prompts), for ``"first"`` the category's first ``num_prompts`` normal
     training images. ``prompt`` is 3×S×S for one prompt and K×3×S×S for K.
     ``"retrieval"`` yields no prompt, only ``num_prompts``: the model picks the
-    prompts itself without the category label (onenip_pl.inference.retrieval).
+    prompts itself without the category label (onenip_pl.data.prompts).
     """
 
     def __init__(
@@ -216,22 +201,9 @@ class PromptedImageDataset(Dataset):
         self.prompt_mode = prompt_mode
         self.num_prompts = num_prompts
         self.prompt_indices: list[list[int]] = []
-        if prompt_mode == "retrieval":
-            return
-        pool = normal_train_index(prompt_source.records)
-        for item, record in enumerate(self.records):
-            candidates = pool.get(record.category, [])
-            if len(candidates) < num_prompts:
-                raise DataError(
-                    f"category {record.category!r} has test images but {len(candidates)} normal training "
-                    f"image(s) to use as prompts, fewer than data.test_prompt_k={num_prompts}; add "
-                    "train/good images for it or lower data.test_prompt_k"
-                )
-            if prompt_mode == "first":
-                self.prompt_indices.append(candidates[:num_prompts])
-            else:
-                drawn = np.random.default_rng([seed, item]).choice(candidates, num_prompts, replace=False)
-                self.prompt_indices.append([int(i) for i in drawn])
+        if prompt_mode != "retrieval":
+            pool = normal_train_index(prompt_source.records)
+            self.prompt_indices = choose_prompt_indices(self.records, pool, prompt_mode, num_prompts, seed)
 
     @property
     def prompt_setting(self) -> str:

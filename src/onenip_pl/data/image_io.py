@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from onenip_pl.errors import DataError
@@ -82,3 +84,20 @@ def image_size_of(path: str | Path) -> tuple[int, int]:
     except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
     return height, width
+
+
+def resize_rgb(rgb: np.ndarray, image_size: int) -> np.ndarray:
+    """Bilinear resize to the model's square input: how training, test and deployment images are resized."""
+    if rgb.shape[:2] == (image_size, image_size):
+        return rgb
+    return cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+
+
+def load_image(path: str | Path, image_size: int) -> np.ndarray:
+    """Decode an image and resize it bilinearly to image_size × image_size (uint8 RGB)."""
+    return resize_rgb(read_rgb(path), image_size)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 → 3×H×W float in [0, 1] (the model normalises itself)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)

@@ -1,7 +1,7 @@
-"""Inference after training: the Python detector, prompt retrieval, exported graphs and overlays.
+"""Inference after training: the Python detector, exported graphs and overlays.
 
-The detector is imported on first use, so that `onenip_pl.inference.retrieval` (used by the Lightning
-module) can be imported without the detector, which itself imports the Lightning module.
+The detector is imported on first use, so that importing a submodule (the overlay painter, say) does not
+build the detector's imports.
 """
 
 from __future__ import annotations

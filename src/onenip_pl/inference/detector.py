@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,19 +17,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from onenip_pl.errors import ConfigError
-from onenip_pl.inference.checkpoint import load_for_inference
-from onenip_pl.inference.graph import PromptedScorer
-from onenip_pl.inference.images import (
-    ImageLike,
-    as_image_list,
-    batch_tensor,
-    describe,
-    resize_for_model,
-    resize_map,
-    to_rgb,
+from onenip_pl.calibration import PostProcessor
+from onenip_pl.checkpoint_file import read_checkpoint
+from onenip_pl.checkpoint_format import (
+    NO_BACKBONE_WEIGHTS,
+    load_state,
+    require_onenip_checkpoint,
+    sub_state,
+    upgrade_checkpoint,
 )
-from onenip_pl.inference.retrieval import global_descriptor
+from onenip_pl.data.image_io import resize_rgb
+from onenip_pl.data.prompts import PromptBank
+from onenip_pl.errors import ConfigError
+from onenip_pl.inference.images import ImageLike, as_image_list, batch_tensor, describe, resize_map, to_rgb
 from onenip_pl.models import OneNIP
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 class Detection:
     """The prediction for one image.
 
-    ``decision`` is ``score > image_threshold`` (None when the checkpoint has no calibrated threshold);
-    ``anomaly_map`` is H×W float32 at the image's own resolution; ``category`` is the prompt bank category
-    used (None for a user-given prompt) and ``similarity`` the cosine similarity that retrieval chose it by.
+    ``decision`` is ``score > image threshold`` of the image's category (None when the checkpoint has no
+    calibrated threshold); ``anomaly_map`` is H×W float32 at the image's own resolution; ``category`` is the
+    prompt bank category used (None for a user-given prompt) and ``similarity`` the cosine similarity that
+    retrieval chose it by.
     """
 
     source: str
@@ -69,52 +70,38 @@ class OneNIPDetector:
     def __init__(
         self,
         net: OneNIP,
-        prompt_bank: Mapping[str, Mapping[str, Tensor]],
-        image_threshold: float = math.nan,
-        pixel_threshold: float = math.nan,
+        prompt_bank: PromptBank | None = None,
+        post_processor: PostProcessor | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
         self.net = net.eval().to(self.device)
-        self.scorer = PromptedScorer(self.net)
-        self.image_threshold = float(image_threshold)
-        self.pixel_threshold = float(pixel_threshold)
-        self.prompt_features = {
-            category: entry["features"].float().to(self.device)
-            for category, entry in sorted(prompt_bank.items())
-        }
-        self.prompt_images = {category: entry["images"] for category, entry in sorted(prompt_bank.items())}
-        self._bank_owner = [c for c, features in self.prompt_features.items() for _ in range(len(features))]
-        self._bank_descriptors = (
-            global_descriptor(torch.cat(list(self.prompt_features.values())))
-            if self.prompt_features
-            else None
-        )
+        self.bank = prompt_bank if prompt_bank is not None else PromptBank()
+        self.post_processor = post_processor if post_processor is not None else PostProcessor()
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> OneNIPDetector:
-        """Load a training or converted checkpoint (weights_only; nothing in it is executed)."""
-        loaded = load_for_inference(path)
-        module = loaded.module
-        if not bool(module.fusion_calibrated):
+        """Load a training, calibrated or converted checkpoint (weights_only; nothing in it is executed)."""
+        checkpoint = upgrade_checkpoint(read_checkpoint(path))
+        require_onenip_checkpoint(checkpoint, path)
+        net = OneNIP(**{**checkpoint["net_config"], **NO_BACKBONE_WEIGHTS})
+        post_processor = PostProcessor()
+        load_state(net, sub_state(checkpoint["state_dict"], "net"), path)
+        load_state(post_processor, sub_state(checkpoint["state_dict"], "post_processor"), path)
+        if not post_processor.calibrated:
             log.warning(
                 "Checkpoint %s has no calibrated fusion scale or thresholds: scores use fusion scale %.4g "
-                "and no decision is made. Evaluate it once with model.fusion=calibrated on its training data "
-                "to calibrate.",
+                "and no decision is made. Calibrate it: python -m onenip_pl.calibrate ckpt_path=%s "
+                "data.root=<normal images>",
                 path,
-                float(module.net.fusion_scale),
+                float(net.fusion_scale),
+                path,
             )
-        return cls(
-            module.net,
-            loaded.prompt_bank,
-            float(module.image_threshold),
-            float(module.pixel_threshold),
-            device,
-        )
+        return cls(net, PromptBank.from_state(checkpoint.get("prompt_bank")), post_processor, device)
 
     @property
     def categories(self) -> list[str]:
-        return list(self.prompt_features)
+        return self.bank.category_names
 
     @property
     def image_size(self) -> int:
@@ -122,7 +109,25 @@ class OneNIPDetector:
 
     @property
     def calibrated(self) -> bool:
-        return math.isfinite(self.image_threshold)
+        return self.post_processor.calibrated
+
+    @property
+    def image_threshold(self) -> float:
+        """The pooled image threshold (over every category), NaN when uncalibrated."""
+        return self.post_processor.thresholds(None)[0]
+
+    @property
+    def pixel_threshold(self) -> float:
+        """The pooled pixel threshold (over every category), NaN when uncalibrated."""
+        return self.post_processor.thresholds(None)[1]
+
+    @property
+    def prompt_features(self) -> dict[str, Tensor]:
+        return {category: self.bank.features_of(category) for category in self.categories}
+
+    @property
+    def prompt_images(self) -> dict[str, Tensor]:
+        return {category: self.bank.images_of(category) for category in self.categories}
 
     # ---- prompts --------------------------------------------------------------------------------
 
@@ -130,33 +135,11 @@ class OneNIPDetector:
     def encode(self, images: ImageLike | Sequence[ImageLike]) -> Tensor:
         """Neck features (K×C×h×w) of images, e.g. to serve as prompts."""
         items = as_image_list(images)
-        rgbs = [to_rgb(item, describe(item, i)) for i, item in enumerate(items)]
-        return self._features([resize_for_model(rgb, self.image_size) for rgb in rgbs])
+        return self._features([to_rgb(item, describe(item, i)) for i, item in enumerate(items)])
 
-    def _features(self, resized: Sequence[np.ndarray]) -> Tensor:
+    def _features(self, rgbs: Sequence[np.ndarray]) -> Tensor:
+        resized = [resize_rgb(rgb, self.image_size) for rgb in rgbs]
         return self.net.extract_features(batch_tensor(resized).to(self.device))
-
-    def bank_prompts(self, category: str) -> Tensor:
-        """The K stored prompt features of a category (ConfigError lists the known ones)."""
-        if category not in self.prompt_features:
-            known = ", ".join(self.categories) or "none (pass prompt=IMAGE, a normal image of the product)"
-            raise ConfigError(f"category={category!r} is not in the checkpoint's prompt bank; known: {known}")
-        return self.prompt_features[category]
-
-    @torch.inference_mode()
-    def retrieve(self, query_features: Tensor) -> list[tuple[str, float]]:
-        """For each image (neck features), the category of the nearest bank prompt and its similarity."""
-        if self._bank_descriptors is None:
-            raise ConfigError(
-                "the checkpoint has no prompt bank to pick a category from: pass prompt=IMAGE (a normal "
-                "image of the product), or convert/train with a prompt bank."
-            )
-        similarity = global_descriptor(query_features) @ self._bank_descriptors.T
-        best = similarity.max(dim=1)
-        return [
-            (self._bank_owner[int(index)], float(value))
-            for value, index in zip(best.values, best.indices, strict=True)
-        ]
 
     # ---- prediction -----------------------------------------------------------------------------
 
@@ -185,7 +168,7 @@ class OneNIPDetector:
         labels = list(names) if names is not None else [describe(item, i) for i, item in enumerate(items)]
         fixed = self.encode(prompt) if prompt is not None else None
         if category is not None:
-            fixed = self.bank_prompts(category)
+            fixed = self.bank.features_of(category).to(self.device)
         detections: list[Detection] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -200,19 +183,20 @@ class OneNIPDetector:
         category: str | None,
         fixed_prompts: Tensor | None,
     ) -> list[Detection]:
-        query_features = self._features([resize_for_model(rgb, self.image_size) for rgb in rgbs])
+        query_features = self._features(rgbs)
         if fixed_prompts is not None:
             groups = {category: (list(range(len(rgbs))), fixed_prompts)}
             retrieved: list[tuple[Any, float | None]] = [(category, None)] * len(rgbs)
         else:
-            retrieved = self.retrieve(query_features)
+            names, similarity = self.bank.nearest(query_features)
+            retrieved = list(zip(names, similarity.tolist(), strict=True))
             groups = {}
-            for index, (name, _) in enumerate(retrieved):
-                groups.setdefault(name, ([], self.prompt_features[name]))[0].append(index)
+            for index, name in enumerate(names):
+                groups.setdefault(name, ([], self.bank.features_of(name).to(self.device)))[0].append(index)
         maps: list[np.ndarray | None] = [None] * len(rgbs)
         scores = [0.0] * len(rgbs)
         for indices, prompts in groups.values():
-            anomaly_map, score = self.scorer.score_features(query_features[indices], prompts)
+            anomaly_map, score = self.net.score(query_features[indices], prompts)
             for position, index in enumerate(indices):
                 maps[index] = anomaly_map[position, 0].float().cpu().numpy()
                 scores[index] = float(score[position])
@@ -220,7 +204,7 @@ class OneNIPDetector:
             Detection(
                 source=label,
                 score=score,
-                decision=(score > self.image_threshold) if self.calibrated else None,
+                decision=self._decide(score, name),
                 anomaly_map=resize_map(anomaly_map, *rgb.shape[:2]),
                 category=name,
                 similarity=similarity,
@@ -229,3 +213,7 @@ class OneNIPDetector:
                 labels, rgbs, maps, scores, retrieved, strict=True
             )
         ]
+
+    def _decide(self, score: float, category: str | None) -> bool | None:
+        image_threshold = self.post_processor.thresholds(category)[0]
+        return (score > image_threshold) if math.isfinite(image_threshold) else None

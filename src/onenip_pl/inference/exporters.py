@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from onenip_pl import __version__
 from onenip_pl.errors import ConfigError
 from onenip_pl.inference.detector import OneNIPDetector
-from onenip_pl.inference.graph import Uint8Scorer
+from onenip_pl.inference.graph import Uint8Encoder, Uint8Scorer
 
 FORMATS = ("onnx", "torch_export")
 SUFFIX = {"onnx": ".onnx", "torch_export": ".pt2"}
@@ -32,17 +32,6 @@ ENCODER_STEM = "onenip_encoder"
 SIDECAR_NAME = "onenip.json"
 PROMPTS_NAME = "prompt_features.npz"
 VERIFY_IMAGES = 4
-
-
-class Uint8Encoder(nn.Module):
-    """uint8 RGB images N×S×S×3 -> neck features N×C×h×w (what a prompt is stored as)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, image: Tensor) -> Tensor:
-        return self.net.extract_features(image.permute(0, 3, 1, 2).to(torch.float32) / 255.0)
 
 
 @dataclass

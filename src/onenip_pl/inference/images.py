@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from onenip_pl.data.image_io import read_rgb, scale_to_uint8
+from onenip_pl.data.image_io import read_rgb, scale_to_uint8, to_tensor
 from onenip_pl.errors import DataError
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -84,13 +84,6 @@ def as_image_list(images: Any) -> list[ImageLike]:
     return [images]
 
 
-def resize_for_model(rgb: np.ndarray, image_size: int) -> np.ndarray:
-    """Bilinear resize to the model's square input, as the training and test data are resized."""
-    if rgb.shape[:2] == (image_size, image_size):
-        return rgb
-    return cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-
-
 def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of an S×S float map back to an image's original H×W."""
     if anomaly_map.shape == (height, width):
@@ -100,6 +93,5 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def batch_tensor(rgb_images: Sequence[np.ndarray]) -> torch.Tensor:
-    """S×S×3 uint8 arrays -> N×3×S×S float in [0, 1] (the model normalises itself)."""
-    stacked = torch.from_numpy(np.stack(rgb_images))
-    return stacked.permute(0, 3, 1, 2).float().div_(255.0)
+    """S×S×3 uint8 arrays -> N×3×S×S float in [0, 1], as data.image_io.to_tensor makes each."""
+    return torch.stack([to_tensor(rgb) for rgb in rgb_images])

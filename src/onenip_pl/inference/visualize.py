@@ -10,17 +10,9 @@ import numpy as np
 from PIL import Image
 
 from onenip_pl.errors import ConfigError
+from onenip_pl.metrics.visual import overlay as heat_overlay
 
-HEAT_WEIGHT = 0.45
 CONTOUR_RGB = (255, 255, 255)
-
-
-def heat_colours(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
-    """H×W map -> H×W×3 uint8 RGB (jet colour map), `low` blue and `high` red."""
-    span = max(high - low, 1e-12)
-    unit = np.clip((anomaly_map - low) / span, 0.0, 1.0)
-    bgr = cv2.applyColorMap(np.round(unit * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def overlay(
@@ -40,7 +32,7 @@ def overlay(
     threshold = pixel_threshold if pixel_threshold is not None and math.isfinite(pixel_threshold) else None
     if threshold is not None:
         high = max(high, threshold)
-    blended = cv2.addWeighted(image, 1.0 - HEAT_WEIGHT, heat_colours(anomaly_map, low, high), HEAT_WEIGHT, 0)
+    blended = heat_overlay(image, anomaly_map, low, high)
     if threshold is not None:
         region = (anomaly_map > threshold).astype(np.uint8)
         contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 from onenip_pl.data.check import check_records
 from onenip_pl.data.datasets import (
-    PROMPT_MODES,
     ImageSource,
     NormalImageDataset,
     PromptedImageDataset,
@@ -25,6 +24,7 @@ from onenip_pl.data.datasets import (
     normal_train_index,
 )
 from onenip_pl.data.demo import generate_demo_dataset
+from onenip_pl.data.prompts import PROMPT_MODES
 from onenip_pl.data.readers import read_dataset
 from onenip_pl.data.records import ImageRecord
 from onenip_pl.data.samplers import EvalShardSampler, TrainShardSampler

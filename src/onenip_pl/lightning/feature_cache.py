@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from onenip_pl.errors import ConfigError, DataError
+from onenip_pl.errors import ConfigError, DataError, check_choice
 
-CACHE_MODES = ("none", "memory", "disk")
+FEATURE_CACHE_MODES = ("none", "memory", "disk")
 SIGNATURE_SIZE = 256
 INDEX_KEYS = ("query_index", "prompt_index")
 
@@ -243,8 +243,7 @@ def build_feature_cache(
     mode: str, net: torch.nn.Module, directory: str | os.PathLike | None = None
 ) -> FeatureCache | None:
     """None for ``mode="none"``; a disk cache goes to ``<directory>/<backbone fingerprint>``."""
-    if mode not in CACHE_MODES:
-        raise ConfigError(f"model.feature_cache={mode!r} is unknown; use one of {CACHE_MODES}.")
+    check_choice("model.feature_cache", mode, FEATURE_CACHE_MODES)
     if mode == "none":
         return None
     if mode == "memory":
@@ -252,6 +251,31 @@ def build_feature_cache(
     if directory is None:
         raise ConfigError("model.feature_cache=disk needs a folder: set model.feature_cache_dir.")
     return DiskFeatureCache(Path(directory) / backbone_fingerprint(net))
+
+
+def triplet_features(
+    net: torch.nn.Module, batch: dict[str, Any], cache: FeatureCache | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(query, synthetic, prompt) neck features of a training batch: from the cache where it holds them,
+    else from one backbone call on all three."""
+    if cache is not None:
+        return cache.triplet_features(net, batch)
+    features = net.extract_features(torch.cat([batch["query"], batch["synthetic"], batch["prompt"]]))
+    return features.split(batch["query"].shape[0])
+
+
+def check_cached_training(mode: str, dataset: Any, net: torch.nn.Module, precision: str) -> str:
+    """The log line announcing the cache's size, after checking that ``dataset`` serves its queries and
+    prompts un-augmented, without which the cached features would be wrong (ConfigError otherwise)."""
+    if getattr(dataset, "augments_normals", True):
+        raise ConfigError(
+            f"model.feature_cache={mode} needs a training set that serves its queries and prompts "
+            f"un-augmented, and {type(dataset).__name__} does not declare augments_normals=False; "
+            "set model.feature_cache=none."
+        )
+    shape = (net.feature_channels, net.feature_size, net.feature_size)
+    bytes_per_value = 2 if str(precision).startswith(("16", "bf16")) else 4
+    return describe_cache_size(mode, len(dataset), shape, bytes_per_value)
 
 
 def describe_cache_size(

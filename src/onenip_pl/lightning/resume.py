@@ -4,13 +4,14 @@ Lightning's checkpoint holds the weights, optimiser, scheduler and loop counters
 where the training loader stood inside its epoch nor the random generators. A run killed
 mid-epoch would replay the epoch's first batches and draw other dropout masks and feature
 jitter. :class:`ResumableTrainLoader` implements Lightning's stateful-loader interface
-(``state_dict``/``load_state_dict``, kept in the fit loop's checkpoint state), and the module
-saves every rank's generator states with :func:`rng_state` / :func:`restore_rng_state`.
+(``state_dict``/``load_state_dict``, kept in the fit loop's checkpoint state), and
+:class:`ExactResume` saves every rank's generator states and puts them back before the first step.
 :class:`StepCheckpoint` writes the mid-epoch checkpoints to resume from.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -18,11 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from onenip_pl.data.samplers import TrainShardSampler
+from onenip_pl.distributed import gather_objects
+
+log = logging.getLogger(__name__)
 
 
 class PositionedSampler(Sampler[tuple[int, int, int]]):
@@ -142,3 +146,39 @@ class StepCheckpoint(ModelCheckpoint):
     ) -> None:
         if batch_idx + 1 < trainer.num_training_batches:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class ExactResume(Callback):
+    """Every rank's torch/numpy/Python random states in each checkpoint, put back right before the first
+    step after a resume, so that nothing run in between (sanity validation, loader start-up) shifts the
+    stream: a resumed run then draws the dropout masks and jitter of an uninterrupted one."""
+
+    def __init__(self) -> None:
+        self._resumed: list[dict[str, Any]] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # called on every rank: each rank's generators go in
+        checkpoint["rng_states"] = gather_objects(rng_state(pl_module.device))
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._resumed = checkpoint.get("rng_states")
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._resumed is None:
+            return
+        states, self._resumed = self._resumed, None
+        if len(states) != trainer.world_size:
+            log.warning(
+                "Resuming with %d processes from a checkpoint of %d: random states are not restored, "
+                "so the run continues correctly but not bit-for-bit as an uninterrupted one.",
+                trainer.world_size,
+                len(states),
+            )
+            return
+        restore_rng_state(states[trainer.global_rank], pl_module.device)

@@ -96,9 +96,11 @@ def sample_panels(
 def write_sample_grids(
     samples: Mapping[str, Sequence[VisualSample]],
     out_dir: str | Path,
-    threshold: float | None = None,
+    thresholds: float | Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
     """One PNG per category, ``<out_dir>/<category>.png``, a row per sample; returns the paths.
+
+    ``thresholds`` is the pixel threshold of the prediction panel: one for all, or one per category.
 
     The overlay colours span the lowest to highest map value of the category's shown samples, so rows
     of one grid are comparable. Drawn with plain arrays (no plotting library layout), so a report of
@@ -110,6 +112,7 @@ def write_sample_grids(
     for category, rows in samples.items():
         if not rows:
             continue
+        threshold = thresholds.get(category) if isinstance(thresholds, Mapping) else thresholds
         maps = torch.stack([row.anomaly_map.float().cpu() for row in rows])
         low, high = float(maps.min()), float(maps.max())
         size = max(_MIN_PANEL, int(maps.shape[-1]))

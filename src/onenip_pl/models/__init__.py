@@ -1,7 +1,7 @@
 """OneNIP in plain torch: backbone, neck, reconstructor, refiner, loss, loading the authors' checkpoints."""
 
 from onenip_pl.models.losses import onenip_loss
-from onenip_pl.models.official import load_checkpoint_safely, official_to_onenip_state_dict
+from onenip_pl.models.official import official_to_onenip_state_dict
 from onenip_pl.models.onenip import OneNIP
 
-__all__ = ["OneNIP", "load_checkpoint_safely", "official_to_onenip_state_dict", "onenip_loss"]
+__all__ = ["OneNIP", "official_to_onenip_state_dict", "onenip_loss"]

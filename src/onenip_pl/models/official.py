@@ -1,4 +1,4 @@
-"""The authors' checkpoints: safe loading and renaming of their keys to this package's modules.
+"""The authors' checkpoints: their keys renamed to this package's modules, every key checked.
 
 Their files are `torch.save`d dicts whose `state_dict` keys read `module.backbone.*` (efficientnet_pytorch
 EfficientNet-B4), `module.neck.*` (no parameters) and `module.reconstruction.*` (reconstructor, refiner under
@@ -7,13 +7,9 @@ EfficientNet-B4), `module.neck.*` (no parameters) and `module.reconstruction.*` 
 
 from __future__ import annotations
 
-import os
-import pickle
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from onenip_pl.errors import CheckpointError
@@ -74,36 +70,6 @@ _RECONSTRUCTION_RULES: list[tuple[re.Pattern, str | Callable[[re.Match], str]]] 
 
 # Parts of our state that the authors' checkpoints do not hold.
 NON_OFFICIAL_KEYS = frozenset({"fusion_scale"})
-
-
-def load_checkpoint_safely(path: str | os.PathLike) -> dict:
-    """torch.load with weights_only=True: a file needing arbitrary unpickling is refused, never executed."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"checkpoint {path} is refused: it stores Python objects besides tensors and plain containers, "
-            "and unpickling those can run arbitrary code. Re-save only its state dict "
-            f"(torch.save(checkpoint['state_dict'], new_path)) from a trusted environment. Detail: {error}"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {error}") from error
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, not a dict.")
-    return loaded
-
-
-def state_dict_of(checkpoint: Mapping) -> dict[str, Tensor]:
-    """The state dict inside a checkpoint dict (its `state_dict` entry), or the dict itself if it is one."""
-    state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
-    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
-        raise CheckpointError(
-            "the checkpoint is neither a state dict of tensors nor a dict whose 'state_dict' entry is one."
-        )
-    return dict(state_dict)
 
 
 def official_reconstruction_key(key: str) -> str | None:

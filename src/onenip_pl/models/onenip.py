@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onenip_pl.checkpoint_file import read_checkpoint, state_dict_of
 from onenip_pl.errors import ConfigError, DataError
 from onenip_pl.models.backbone import OFFICIAL_BACKBONE, Backbone, architecture_name
 from onenip_pl.models.neck import Neck
-from onenip_pl.models.official import load_checkpoint_safely, load_official_state_dict, state_dict_of
+from onenip_pl.models.official import load_official_state_dict
 from onenip_pl.models.reconstructor import Reconstructor
 from onenip_pl.models.refiner import Refiner
 
@@ -67,9 +68,7 @@ class OneNIP(nn.Module):
             )
         self.image_size = image_size
         self.feature_size = image_size // 16
-        weights = (
-            None if backbone_weights is None else state_dict_of(load_checkpoint_safely(backbone_weights))
-        )
+        weights = None if backbone_weights is None else state_dict_of(read_checkpoint(backbone_weights))
         self.backbone = Backbone(
             backbone, tuple(out_indices), pretrained, weights, official_padding, channels_last
         )
@@ -123,12 +122,25 @@ class OneNIP(nn.Module):
     def fuse(
         self, rec_map: Tensor, refiner_map: Tensor, fusion_scale: Tensor | float | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Fused map 0.5 * rec + 0.5 * scale * ref, and its image score (max of a 16x16 mean filter)."""
+        """Fused map 0.5 * rec + 0.5 * scale * ref, and its image score (max of a 16x16 mean filter), in
+        float32 whatever autocast is active."""
         scale = self.fusion_scale if fusion_scale is None else fusion_scale
-        scale = torch.as_tensor(scale, dtype=torch.float32, device=rec_map.device)
-        anomaly_map = 0.5 * rec_map + 0.5 * scale * refiner_map
-        image_score = F.avg_pool2d(anomaly_map, SCORE_POOL_SIZE, stride=1).flatten(1).amax(dim=1)
+        with torch.autocast(device_type=rec_map.device.type, enabled=False):
+            scale = torch.as_tensor(scale, dtype=torch.float32, device=rec_map.device)
+            anomaly_map = 0.5 * rec_map.float() + 0.5 * scale * refiner_map.float()
+            image_score = F.avg_pool2d(anomaly_map, SCORE_POOL_SIZE, stride=1).flatten(1).amax(dim=1)
         return anomaly_map, image_score
+
+    def residual_maps(
+        self, query_features: Tensor, reconstruction: Tensor, refiner_logit: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """rec_map (||F_hat - F|| over channels, upsampled), refiner_map (sigmoid): N x 1 x S x S float32."""
+        with torch.autocast(device_type=reconstruction.device.type, enabled=False):
+            residual = reconstruction.float() - query_features.float()
+            distance = residual.square().sum(dim=1, keepdim=True).sqrt()
+            size = (self.image_size, self.image_size)
+            rec_map = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
+            return rec_map, torch.sigmoid(refiner_logit.float())
 
     def anomaly_maps(
         self,
@@ -138,19 +150,43 @@ class OneNIP(nn.Module):
         fusion_scale: Tensor | float | None = None,
     ) -> dict[str, Tensor]:
         """rec_map, refiner_map, anomaly_map (N x 1 x S x S) and image_score (N,), always in float32."""
-        with torch.autocast(device_type=reconstruction.device.type, enabled=False):
-            residual = reconstruction.float() - query_features.float()
-            distance = residual.square().sum(dim=1, keepdim=True).sqrt()
-            size = (self.image_size, self.image_size)
-            rec_map = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
-            refiner_map = torch.sigmoid(refiner_logit.float())
-            anomaly_map, image_score = self.fuse(rec_map, refiner_map, fusion_scale)
+        rec_map, refiner_map = self.residual_maps(query_features, reconstruction, refiner_logit)
+        anomaly_map, image_score = self.fuse(rec_map, refiner_map, fusion_scale)
         return {
             "rec_map": rec_map,
             "refiner_map": refiner_map,
             "anomaly_map": anomaly_map,
             "image_score": image_score,
         }
+
+    def prompted_maps(self, query_features: Tensor, prompt_features: Tensor) -> tuple[Tensor, Tensor]:
+        """rec_map and refiner_map (N x 1 x S x S) of each query, averaged over its K prompts.
+
+        ``prompt_features`` is K x C x h x w (the same K prompts for every query: each prompt is encoded
+        once) or N x K x C x h x w (K prompts per query). Fusion is linear, so fusing the averaged maps
+        equals averaging the K fused maps; the image score is then taken from the averaged map.
+        """
+        num_queries = query_features.shape[0]
+        shared = prompt_features.dim() == 4
+        num_prompts = prompt_features.shape[0 if shared else 1]
+        if not shared and prompt_features.shape[0] != num_queries:
+            raise ValueError(f"{prompt_features.shape[0]} prompt sets for {num_queries} queries.")
+        # pair j = n*K + k: the reconstructor gives query j prompt j mod K (shared) or prompt j (per query)
+        paired = query_features.repeat_interleave(num_prompts, dim=0)
+        prompts = prompt_features if shared else prompt_features.flatten(0, 1)
+        reconstruction = self.reconstruct(paired, prompts)
+        rec_map, refiner_map = self.residual_maps(paired, reconstruction, self.refine(reconstruction, paired))
+        size = rec_map.shape[-2:]
+        return tuple(
+            m.reshape(num_queries, num_prompts, 1, *size).mean(dim=1) for m in (rec_map, refiner_map)
+        )
+
+    def score(
+        self, query_features: Tensor, prompt_features: Tensor, fusion_scale: Tensor | float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The scoring path shared by testing, calibration, the detector and the exported graph: neck
+        features of queries and their K prompts -> fused anomaly map N x 1 x S x S and image score N."""
+        return self.fuse(*self.prompted_maps(query_features, prompt_features), fusion_scale)
 
     def forward(
         self, query: Tensor, prompt: Tensor | None = None, *, prompt_features: Tensor | None = None
@@ -193,7 +229,7 @@ class OneNIP(nn.Module):
         if isinstance(state_dict_or_path, Mapping):
             checkpoint = state_dict_or_path
         else:
-            checkpoint = load_checkpoint_safely(state_dict_or_path)
+            checkpoint = read_checkpoint(state_dict_or_path)
         model = cls(backbone=backbone, image_size=image_size, **kwargs)
         load_official_state_dict(model, state_dict_of(checkpoint))
         return model.eval()

@@ -6,10 +6,8 @@ token to attend to its own window, so it cannot copy itself and must reconstruct
 
 from __future__ import annotations
 
-import math
-import threading
+from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,151 +47,22 @@ def neighbor_attention_bias(feature_size: int, neighbor_size: int) -> Tensor:
     return torch.zeros(inside.shape).masked_fill(inside, float("-inf"))
 
 
-_WORKSPACE: dict[tuple, Tensor] = {}
-_UINT32_RANGE = 2**32
+AttentionKernel = Callable[..., Tensor]
 
 
-def dropout_keep_bits(count: int, p: float) -> Tensor:
-    """Dropout's keep mask for ``count`` entries, 1 (kept) with probability 1 - p, packed eight to a byte.
+class ReluDropout(nn.Dropout):
+    """ReLU, then dropout: the activation of the encoder's feed-forward block (DETR's)."""
 
-    torch draws Bernoulli variates one at a time on non-Intel CPUs (about 5 ns each: a fifth of a training
-    step here). This compares 32 random bits per entry, from NumPy's PCG64, with (1 - p) * 2^32: about 1 ns
-    per entry, the same distribution (to 2^-32). The stream is seeded from torch's default generator, so
-    torch.manual_seed, Lightning's seed_everything and the RNG states saved in checkpoints decide the masks.
-    Packed, a mask kept for backward costs an eighth of a byte per entry.
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout probability {p} must lie strictly between 0 and 1 here.")
-    seed = int(torch.randint(torch.iinfo(torch.int64).max, ()))
-    bits = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
-    threshold = min(round((1.0 - p) * _UINT32_RANGE), _UINT32_RANGE - 1)
-    return torch.from_numpy(np.packbits(bits < threshold))
-
-
-def _workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A buffer per name (and dtype, device), grown to the largest size asked for and reused: fresh
-    (images x heads x tokens x tokens) temporaries at every step would be new memory mappings each time, and
-    their page faults cost more than the arithmetic on them. The view is valid until the next call for the
-    same name in the same thread (autograd runs a CPU backward in the thread that called it)."""
-    key = (name, like.dtype, like.device, threading.get_ident())
-    count = math.prod(shape)
-    if key not in _WORKSPACE or _WORKSPACE[key].numel() < count:
-        _WORKSPACE[key] = torch.empty(count, dtype=like.dtype, device=like.device)
-    return _WORKSPACE[key][:count].view(shape)
-
-
-def float_mask(packed: Tensor, like: Tensor) -> Tensor:
-    """A packed keep mask as 0/1 in ``like``'s dtype and shape, in a reused buffer (multiplying by a one-byte
-    mask directly would cast it into a fresh float temporary each time)."""
-    kept = torch.from_numpy(np.unpackbits(packed.numpy(), count=like.numel()))
-    return _workspace("mask", tuple(like.shape), like).copy_(kept.view(like.shape))
-
-
-def attention_probabilities(scaled_q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
-    """softmax(scaled_q k^T + bias) over the keys, for (batch, tokens, d) inputs of one dtype.
-
-    The result lives in a reused buffer, valid until the next call; a low-precision softmax is taken in
-    float32."""
-    shape = (scaled_q.shape[0], scaled_q.shape[1], k.shape[1])
-    scores = torch.bmm(scaled_q, k.transpose(1, 2), out=_workspace("scores", shape, scaled_q))
-    if bias is not None:
-        scores = scores.add_(bias)
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        return scores.copy_(torch.softmax(scores, dim=-1, dtype=torch.float32))
-    # in place: one (images x heads x tokens x tokens) allocation fewer
-    return torch.softmax(scores, dim=-1, out=scores)
-
-
-class DropoutAttention(torch.autograd.Function):
-    """Attention with dropout on its probabilities, for training on CPU, in a fraction of the memory and time.
-
-    Inputs are (images x heads, tokens, d), one dtype; autocast is off inside (the caller's projections
-    already ran under it). Autograd through F.scaled_dot_product_attention's CPU path (the only one with
-    dropout there) keeps three float tensors of (images x heads x tokens x tokens) per attention, most of a
-    training step's memory. This keeps a mask of one bit per entry and recomputes the probabilities in
-    backward. The maths is the same: output = (softmax(q k^T / sqrt(d) + bias) * mask / (1 - p)) v, the mask
-    1 with probability 1 - p (dropout_keep_bits).
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float) -> Tensor:
-        with torch.autocast("cpu", enabled=False):
-            scaled_q = q * q.shape[-1] ** -0.5
-            probabilities = attention_probabilities(scaled_q, k, bias)
-            kept = dropout_keep_bits(probabilities.numel(), p)
-            output = torch.bmm(probabilities.mul_(float_mask(kept, probabilities)), v).div_(1.0 - p)
-        ctx.p = p
-        ctx.save_for_backward(scaled_q, k, v, bias, kept, output)
-        return output
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        scaled_q, k, v, bias, kept, output = ctx.saved_tensors
-        # 1 / (1 - p) applied to the small (tokens x d) gradient instead of a (tokens x tokens) one
-        grad_output = grad_output / (1.0 - ctx.p)
-        probabilities = attention_probabilities(scaled_q, k, bias)
-        mask = float_mask(kept, probabilities)
-        # gradient of the probabilities, then through the softmax: (grad - sum(grad * probabilities) over the
-        # keys) * probabilities, in place
-        grad = torch.bmm(grad_output, v.transpose(1, 2), out=_workspace("grad", probabilities.shape, v))
-        grad = grad.mul_(mask)
-        # sum(grad * probabilities) over the keys equals (1 - p) sum(grad_output * output) over d: a small
-        # product instead of a (tokens x tokens) one
-        row_term = torch.linalg.vecdot(grad_output, output).mul_(1.0 - ctx.p).unsqueeze(-1)
-        grad = grad.sub_(row_term).mul_(probabilities)
-        grad_v = torch.bmm(probabilities.mul_(mask).transpose(1, 2), grad_output)
-        grad_q = torch.bmm(grad, k).mul_(scaled_q.shape[-1] ** -0.5)
-        grad_k = torch.bmm(grad.transpose(1, 2), scaled_q)
-        return grad_q, grad_k, grad_v, None, None
-
-
-def _compact_on_cpu(x: Tensor) -> bool:
-    """Whether the packed-mask autograd functions apply: CPU, gradients wanted, not being compiled."""
-    return x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-class CompactDropout(torch.autograd.Function):
-    """F.dropout, optionally of relu(x), keeping a packed mask (after a ReLU: only the output) for backward
-    instead of a float noise tensor; the mask comes from dropout_keep_bits."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float, after_relu: bool) -> Tensor:
-        kept = dropout_keep_bits(x.numel(), p)
-        output = (F.relu(x) if after_relu else x.clone()).mul_(float_mask(kept, x)).div_(1.0 - p)
-        ctx.p, ctx.after_relu = p, after_relu
-        # after a ReLU, an output is positive exactly where the input was positive and kept
-        ctx.save_for_backward(output if after_relu else kept)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        (saved,) = ctx.saved_tensors
-        if ctx.after_relu:
-            # ReLU's own backward kernel: the gradient where the saved output is positive, else 0
-            passed = torch.ops.aten.threshold_backward(grad_output, saved, 0.0)
-        else:
-            passed = grad_output.mul(float_mask(saved, grad_output))
-        return passed.div_(1.0 - ctx.p), None, None
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (optionally of relu(x)) whose CPU training keeps a packed mask (1/32 of a float one) and
-    draws it with dropout_keep_bits; elsewhere (GPU, inference, torch.compile) it is nn.Dropout."""
-
-    def forward(self, x: Tensor, after_relu: bool = False) -> Tensor:
-        if self.training and self.p > 0.0 and x.requires_grad and _compact_on_cpu(x):
-            return CompactDropout.apply(x, self.p, after_relu)
-        return super().forward(F.relu(x) if after_relu else x)
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.relu(x))
 
 
 class Attention(nn.Module):
     """Multi-head attention holding nn.MultiheadAttention's parameters (the authors' weights load 1:1).
 
-    Computed with F.scaled_dot_product_attention (fused kernels), or when training with dropout on CPU with
-    DropoutAttention (less memory); `dropout` acts on the attention probabilities during training, as in
-    nn.MultiheadAttention.
+    Computed by ``kernel`` (``F.scaled_dot_product_attention`` when None, looked up at call time), called
+    like it on (batch, heads, tokens, head dim) tensors; ``dropout`` acts on the attention probabilities
+    during training, as in nn.MultiheadAttention. onenip_pl.models.ops swaps the kernel for CPU training.
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
@@ -202,6 +71,7 @@ class Attention(nn.Module):
             raise ConfigError(f"hidden_dim={dim} must be divisible by num_heads={num_heads}.")
         self.num_heads = num_heads
         self.dropout = dropout
+        self.kernel: AttentionKernel | None = None
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
@@ -219,12 +89,8 @@ class Attention(nn.Module):
         k = self._heads(F.linear(key, weight_k, bias_k))
         v = self._heads(F.linear(value, weight_v, bias_v))
         mask = None if bias is None else bias.to(q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        if dropout > 0.0 and _compact_on_cpu(q):
-            attended = DropoutAttention.apply(*(x.flatten(0, 1) for x in (q, k, v)), mask, dropout)
-            attended = attended.view(q.shape)
-        else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        kernel = self.kernel or F.scaled_dot_product_attention
+        attended = kernel(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         batch, _, length, _ = attended.shape
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
 
@@ -260,13 +126,14 @@ class EncoderLayer(nn.Module):
         self.ffn_in = nn.Linear(dim, feedforward_dim)
         self.ffn_out = nn.Linear(feedforward_dim, dim)
         self.ffn_norm = nn.LayerNorm(dim)
-        self.dropout = Dropout(dropout)
+        self.ffn_activation = ReluDropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: Tensor, pos: Tensor, bias: Tensor) -> Tensor:
         positioned = tokens + pos
         attended = self.self_attn(positioned, positioned, tokens, bias)
         tokens = self.attn_norm(tokens + self.dropout(attended))
-        hidden = self.ffn_out(self.dropout(self.ffn_in(tokens), after_relu=True))
+        hidden = self.ffn_out(self.ffn_activation(self.ffn_in(tokens)))
         return self.ffn_norm(tokens + self.dropout(hidden))
 
 
@@ -302,7 +169,7 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim)
         self.query_attn = Attention(dim, num_heads, dropout)
         self.query_attn_norm = nn.LayerNorm(dim)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, prompt: Tensor, query: Tensor, pos: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         attended = self.prompt_attn(prompt + pos, query + pos, query, bias)
@@ -325,7 +192,7 @@ class Decoder(nn.Module):
         )
         self.final_attn = Attention(dim, num_heads, dropout)
         self.final_norm = nn.LayerNorm(dim)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, prompt: Tensor, query: Tensor, pos: Tensor, bias: Tensor) -> Tensor:
         for layer in self.layers:

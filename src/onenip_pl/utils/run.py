@@ -1,57 +1,52 @@
-"""What train and eval share: seeding, printing and saving the per-category results."""
+"""What the entry points share around a run: one log from rank zero, quiet known warnings, closing W&B."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from onenip_pl.metrics.reports import format_table, write_reports
-
 log = logging.getLogger(__name__)
 
-REPORT_DEFAULTS = {"images_per_category": 4, "curves": True}
+# Lightning warnings about choices made on purpose
+EXPECTED_WARNINGS = (
+    # the frozen backbone stays in eval mode (its BatchNorm keeps the running statistics)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # the module's on_before_batch_transfer (feature cache) is meant to run with the datamodule
+    r"You have overridden `on_before_batch_transfer` in `LightningModule` but",
+    # without data.val_fraction the validation loader is deliberately empty
+    r"Total length of `list` across ranks is zero",
+)
 
 
-def report_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``report`` block of a run config (visual grids and ROC/PR curves), with defaults filled in."""
-    settings = dict(REPORT_DEFAULTS)
-    settings.update(cfg.get("report") or {})
-    return {name: settings[name] for name in REPORT_DEFAULTS}
+class _OtherRanksErrorsOnly(logging.Filter):
+    """One console and log file, not one per process: ranks other than zero pass on errors only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or rank_zero_only.rank == 0
 
 
-@rank_zero_only
-def report_results(
-    results: dict[str, Any],
-    output_dir: str | Path,
-    loggers: list[Logger],
-    files: Mapping[str, Mapping[str, Path]] | None = None,
-) -> None:
-    """Print the per-category table, write metrics.json/csv/md and log the table to W&B, with the
-    visual report's PNG files (``{"visuals": {category: path}, "curves": {...}}``) as W&B images."""
-    print(format_table(results), flush=True)
-    paths = write_reports(results, Path(output_dir))
-    log.info("Metrics written to %s", ", ".join(str(p) for p in paths.values()))
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            metric_names = list(results["mean"].keys())
-            rows = [
-                [cat, *[values.get(m) for m in metric_names]]
-                for cat, values in results["per_category"].items()
-            ]
-            rows.append(["mean", *[results["mean"].get(m) for m in metric_names]])
-            logger.log_table("test/per_category", columns=["category", *metric_names], data=rows)
-            for kind, pictures in (files or {}).items():
-                if pictures:
-                    images = [str(path) for path in pictures.values()]
-                    logger.log_image(f"test/{kind}", images, caption=list(pictures))
-    for kind, pictures in (files or {}).items():
-        if pictures:
-            log.info("Test %s written to %s", kind, Path(next(iter(pictures.values()))).parent)
+_RANK_FILTER = _OtherRanksErrorsOnly()
+
+
+def log_from_rank_zero() -> None:
+    """Under DDP, let only rank zero write INFO and WARNING lines to the console and the log file."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RANK_FILTER)
+
+
+@contextmanager
+def expected_warnings_silenced() -> Iterator[None]:
+    """Hide the Lightning warnings listed in EXPECTED_WARNINGS while a fit or test runs."""
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 @rank_zero_only

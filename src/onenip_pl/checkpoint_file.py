@@ -1,0 +1,91 @@
+"""The one way the package opens a checkpoint file: ``torch.load(weights_only=True)``, never running code.
+
+A checkpoint is a pickle, and a pickle can name any Python callable to run while it loads (a crafted
+``.ckpt`` calling ``os.system`` is a few lines). With ``weights_only=True`` torch's unpickler accepts
+tensors and plain containers only and refuses everything else before it is called. Every entry point and
+API that reads a checkpoint (train resume, eval, calibrate, enroll, predict, export, convert, the
+detector, backbone weights) goes through :func:`read_checkpoint`; there is no switch to turn it off.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import re
+import typing
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
+
+from onenip_pl.errors import CheckpointError
+
+# Checkpoints of onenip-pl 0.1 before hyper-parameters were written as plain containers hold OmegaConf
+# lists and dicts: value classes whose unpickling sets attributes and calls nothing else.
+_OMEGACONF_VALUE_CLASSES = [
+    DictConfig,
+    ListConfig,
+    ContainerMetadata,
+    Metadata,
+    AnyNode,
+    BooleanNode,
+    FloatNode,
+    IntegerNode,
+    StringNode,
+    typing.Any,
+    collections.defaultdict,
+    dict,
+    list,
+    int,
+]
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's dict; a CheckpointError whose one-line message names the file says why not."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; pass the .ckpt file in it, e.g. {path}/checkpoints/last.ckpt"
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass the .ckpt written by training, calibrate or convert."
+        )
+    try:
+        with torch.serialization.safe_globals(_OMEGACONF_VALUE_CLASSES):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = _REFUSED_GLOBAL.search(str(error))
+        culprit = f" (it calls {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"checkpoint {path} is refused: it holds objects other than tensors and plain containers"
+            f"{culprit}, and unpickling them could run arbitrary code. Use a checkpoint written by "
+            "onenip-pl, or `python -m onenip_pl.convert` for the authors' files."
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable torch checkpoint (truncated, or not a checkpoint at all: "
+            f"{detail}); copy it again or point to another file."
+        ) from error
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, not a checkpoint dict.")
+    return loaded
+
+
+def state_dict_of(checkpoint: typing.Mapping) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint dict (its ``state_dict`` entry), or the dict itself if it is one."""
+    state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
+    if not isinstance(state_dict, typing.Mapping) or not all(
+        isinstance(value, torch.Tensor) for value in state_dict.values()
+    ):
+        raise CheckpointError(
+            "the checkpoint is neither a state dict of tensors nor a dict whose 'state_dict' entry is one."
+        )
+    return dict(state_dict)

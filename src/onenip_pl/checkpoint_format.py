@@ -1,0 +1,99 @@
+"""What a onenip-pl checkpoint holds beside Lightning's own entries, and how older ones are read.
+
+- ``state_dict``: ``net.*`` (the OneNIP weights and its ``fusion_scale`` buffer) and
+  ``post_processor._extra_state`` (calibration: thresholds per category, pooled thresholds, the rule);
+- ``net_config``: the keyword arguments that rebuild the plain OneNIP network;
+- ``prompt_bank``: ``{category: {"images": uint8 K×3×S×S, "features": float32 K×C×h×w}}``;
+- ``hyper_parameters``: the LightningModule's, in plain lists and dicts (so ``weights_only`` loading works).
+
+Checkpoints of onenip-pl 0.1 (no ``format_version``) kept one pooled threshold as top-level buffers and
+the optimiser settings among the hyper-parameters; :func:`upgrade_checkpoint` rewrites them in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import Container, OmegaConf
+
+from onenip_pl.errors import CheckpointError
+
+FORMAT_VERSION = 2
+NO_BACKBONE_WEIGHTS = {"pretrained": False, "backbone_weights": None}
+# LightningModule arguments of format 1 that are not OneNIP's
+_LEGACY_MODULE_KEYS = (
+    "lr",
+    "betas",
+    "weight_decay",
+    "lr_step_size",
+    "lr_gamma",
+    "dice_weight",
+    "fusion",
+    "threshold_quantile",
+    "binned_metrics",
+    "compile",
+    "feature_cache",
+    "feature_cache_dir",
+)
+_LEGACY_OPTIMISER_KEYS = ("lr", "betas", "weight_decay", "lr_step_size", "lr_gamma")
+_LEGACY_THRESHOLDS = ("image_threshold", "pixel_threshold")
+
+
+def plain_containers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """OmegaConf lists/dicts (and tuples) turned into builtin ones: loadable with ``weights_only=True``."""
+    plain = {}
+    for name, value in values.items():
+        if isinstance(value, Container):
+            value = OmegaConf.to_container(value, resolve=True)
+        plain[name] = list(value) if isinstance(value, tuple) else value
+    return plain
+
+
+def require_onenip_checkpoint(checkpoint: Mapping[str, Any], path: object) -> None:
+    missing = [key for key in ("state_dict", "hyper_parameters") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {' or '.join(missing)}: it is not a onenip-pl checkpoint. For the "
+            "authors' files run `python -m onenip_pl.convert official_ckpt=PATH out=NEW.ckpt` first."
+        )
+
+
+def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a format-1 checkpoint in place into the current format (a current one is left as it is)."""
+    if checkpoint.get("format_version", 1) >= FORMAT_VERSION or "state_dict" not in checkpoint:
+        return checkpoint
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    checkpoint.setdefault("net_config", {k: v for k, v in hparams.items() if k not in _LEGACY_MODULE_KEYS})
+    checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k not in _LEGACY_OPTIMISER_KEYS}
+    state = checkpoint["state_dict"]
+    calibrated = bool(state.pop("fusion_calibrated", torch.tensor(False)))
+    image, pixel = (float(state.pop(name, torch.tensor(math.nan))) for name in _LEGACY_THRESHOLDS)
+    state["post_processor._extra_state"] = {
+        "version": 1,
+        "calibrated": calibrated and math.isfinite(image),
+        "rule": "quantile",
+        "quantile": float(hparams.get("threshold_quantile", 0.99)),
+        "pooled": {"image": image, "pixel": pixel},
+        "per_category": {},
+        "prompt_setting": checkpoint.pop("calibration_prompt", None),
+    }
+    checkpoint["format_version"] = FORMAT_VERSION
+    return checkpoint
+
+
+def load_state(module: torch.nn.Module, state_dict: Mapping[str, Any], path: object) -> None:
+    """Strict ``module.load_state_dict``; a mismatch is a CheckpointError naming the file."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        summary = str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit its own settings: {summary}") from error
+
+
+def sub_state(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state_dict`` under ``prefix.``, with the prefix removed."""
+    start = f"{prefix}."
+    return {key[len(start) :]: value for key, value in state_dict.items() if key.startswith(start)}
