@@ -61,6 +61,15 @@ def truncate_file(path: Path, keep: float = 0.5) -> Path:
     return path
 
 
+def add_shipped_extras(category_dir: Path, rng: np.random.Generator) -> list[Path]:
+    """What release trees carry beside the layout: a licence and a readme per category (MVTec AD) and a
+    validation split (MVTec 3D-AD). Returns the entries a reader passes over."""
+    (category_dir / "license.txt").write_text("CC BY-NC-SA 4.0\n")
+    (category_dir / "readme.txt").write_text("one category of a release\n")
+    write_image(category_dir / "validation" / "good" / "000.png", rng)
+    return [category_dir / "license.txt", category_dir / "readme.txt", category_dir / "validation"]
+
+
 def make_mvtec_tree(
     root: Path,
     categories: Iterable[str] = ("bottle", "grid"),
@@ -87,6 +96,7 @@ def make_mvtec_tree(
                 write_image(base / "test" / defect / f"{index:03d}.png", rng, size, gray=gray)
                 write_mask(base / "ground_truth" / defect / f"{index:03d}_mask.png", rng, size)
         counts[category] = SplitCounts(n_train, n_test_good, sum(defects.values()))
+        add_shipped_extras(base, rng)
     (root / "license.txt").write_text("CC BY-NC-SA 4.0\n")
     (root / "readme.txt").write_text("MVTec AD\n")
     return counts
@@ -154,6 +164,7 @@ def make_btad_tree(
         for index in range(n_test_ko):
             write_image(base / "test" / "ko" / f"{index:04d}{image_ext}", rng, size)
             write_mask(base / "ground_truth" / "ko" / f"{index:04d}{mask_ext}", rng, size)
+        add_shipped_extras(base, rng)
         counts[product] = SplitCounts(n_train, n_test_ok, n_test_ko)
     return counts
 
@@ -196,6 +207,8 @@ def make_folder_tree(root: Path, *, seed: int = 0) -> dict[str, SplitCounts]:
     write_mask(widget / "ground_truth" / "scratch" / "s3_mask.BMP", rng)
     for name in ("g1.png", "g2.Jpg"):
         write_image(root / "gadget" / "train" / name, rng)
+    add_shipped_extras(widget, rng)
+    add_shipped_extras(root / "gadget", rng)
     return {"widget": SplitCounts(4, 1, 3), "gadget": SplitCounts(2, 0, 0)}
 
 

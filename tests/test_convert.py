@@ -95,7 +95,7 @@ def test_convert_then_eval_prints_the_table(
         "data.persistent_workers=false",
         "trainer.accelerator=cpu",
         "logger=none",
-        "++callbacks.rich_progress_bar=null",
+        "progress=none",
         "callbacks.report.images_per_category=0",
         "callbacks.report.curves=false",
         f"paths.output_dir={tmp_path}",

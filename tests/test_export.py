@@ -46,7 +46,11 @@ def test_sidecar_and_prompt_features_describe_the_graph(
     assert spec["inputs"]["image"]["dtype"] == "uint8"
     assert spec["inputs"]["image"]["shape"] == ["N", IMAGE_SIZE, IMAGE_SIZE, 3]
     assert spec["categories"] == detector.categories
-    assert spec["thresholds"] == {"image": detector.image_threshold, "pixel": detector.pixel_threshold}
+    thresholds = spec["thresholds"]
+    assert thresholds["pooled"] == {"image": detector.image_threshold, "pixel": detector.pixel_threshold}
+    for category in detector.categories:
+        image, pixel = detector.post_processor.thresholds(category)
+        assert thresholds["per_category"][category] == {"image": image, "pixel": pixel, "source": "held_out"}
     assert spec["calibrated"] is True
     assert spec["prompts_per_category"] == {c: prompts_per_category for c in detector.categories}
     bank = np.load(onnx_export / spec["prompt_features"])
@@ -79,9 +83,10 @@ def test_onnxruntime_equals_pytorch_on_test_images(
         expected_scores = np.array([d.score for d in detections])
         worst_map = max(worst_map, float(np.abs(maps[:, 0] - expected_maps).max()))
         worst_score = max(worst_score, float(np.abs(scores - expected_scores).max()))
-        decisions = scores > spec["thresholds"]["image"]
+        threshold = spec["thresholds"]["per_category"][category]["image"]
+        decisions = scores > threshold
         flips = [d for d, ours in zip(detections, decisions, strict=True) if d.decision != bool(ours)]
-        assert all(abs(d.score - detector.image_threshold) < PARITY_TOLERANCE for d in flips)
+        assert all(abs(d.score - threshold) < PARITY_TOLERANCE for d in flips)
     print(f"\n[onnx parity] max |ort - torch|: anomaly map {worst_map:.3g}, image score {worst_score:.3g}")
     assert worst_map <= PARITY_TOLERANCE and worst_score <= PARITY_TOLERANCE
 

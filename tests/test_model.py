@@ -10,8 +10,8 @@ import timm
 import torch
 from conftest import TINY_MODEL_ARGS
 
-from onenip_pl.errors import CheckpointError, ConfigError, DataError
 from onenip_pl.checkpoint_file import read_checkpoint
+from onenip_pl.errors import CheckpointError, ConfigError, DataError
 from onenip_pl.models import OneNIP, onenip_loss
 from onenip_pl.models.backbone import Backbone
 

@@ -79,7 +79,9 @@ def test_directory_of_mixed_formats_with_a_corrupt_file(
         assert row["category"] == "wood", name
         assert row["decision"] in ("normal", "anomalous")
         assert row["decision"] == (
-            "anomalous" if float(row["image_score"]) > info["image_threshold"] else "normal"
+            "anomalous"
+            if float(row["image_score"]) > info["thresholds"]["per_category"]["wood"]["image"]
+            else "normal"
         )
         overlay = Image.open(tmp_path / row["overlay"])
         assert overlay.size == (width, height) and overlay.mode == "RGB"

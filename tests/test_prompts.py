@@ -12,8 +12,8 @@ from conftest import tiny_overrides
 
 from onenip_pl.config import compose
 from onenip_pl.data.datasets import PromptedImageDataset, normal_train_index
-from onenip_pl.errors import ConfigError, DataError
 from onenip_pl.data.prompts import PromptBank, global_descriptor, retrieve_prompts
+from onenip_pl.errors import ConfigError, DataError
 
 
 def _config(root: Path, output_dir: Path, *extra: str):
@@ -126,7 +126,7 @@ def test_retrieval_finds_prompts_without_the_label_and_reports_its_accuracy(
     tiny_model, tiny_demo_root: Path, tmp_path: Path
 ) -> None:
     cfg = _config(
-        tiny_demo_root, tmp_path, "data.test_prompt=retrieval", "data.retrieval_images_per_category=4"
+        tiny_demo_root, tmp_path, "data.test_prompt=retrieval", "data.retrieval_images_per_category=2"
     )
     datamodule = _datamodule(cfg)
     batch = next(iter(datamodule.test_dataloader()))
@@ -138,7 +138,7 @@ def test_retrieval_finds_prompts_without_the_label_and_reports_its_accuracy(
     results = _test(tiny_model, cfg)
     # the same measurement written out: nearest bank image by mean-pooled, normalised features
     bank_loader = datamodule.retrieval_bank_dataloader()
-    assert len(bank_loader.dataset) == 4 * len(datamodule.category_names)
+    assert len(bank_loader.dataset) == 2 * len(datamodule.category_names)
     with torch.no_grad():
         bank = PromptBank.build(tiny_model.net.extract_features, bank_loader, "cpu")
         hits: dict[str, list[bool]] = {}
@@ -163,7 +163,14 @@ def test_retrieval_calibration_never_uses_the_image_as_its_own_prompt(
     )
     datamodule = _datamodule(cfg)
     bank = PromptBank.build(tiny_model.net.extract_features, datamodule.retrieval_bank_dataloader(), "cpu")
-    batch = next(iter(datamodule.calibration_dataloader()))
+    # every normal training image, so that bank images are among the calibration images
+    batch = next(iter(datamodule.calibration_dataloader(all_normals=True)))
+    in_bank = [i for i, path in enumerate(batch["path"]) if path in bank.paths]
+    assert in_bank, "the batch must hold images that are retrieval candidates"
+    batch = {
+        key: batch[key][in_bank] if key == "image" else [batch[key][i] for i in in_bank]
+        for key in ("image", "path")
+    }
     query = tiny_model.net.extract_features(batch["image"])
     own_rows = [bank.paths.index(path) for path in batch["path"]]
     indices, _ = retrieve_prompts(global_descriptor(query), bank.descriptors, bank.categories)

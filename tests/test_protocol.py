@@ -90,12 +90,17 @@ def test_checkpoint_holds_the_calibration_and_eval_uses_it_unchanged(
     assert "calibrating now" not in caplog.text
     assert float(model.net.fusion_scale) == saved["scale"]
     assert model.post_processor.thresholds(None) == (saved["image"], saved["pixel"])
+    assert model.post_processor.per_category == calibration["per_category"]
 
-    # F1 at the saved thresholds, recomputed from the network's own maps
+    # F1 at each category's saved thresholds, recomputed from the network's own maps
     fused = _fused_by_category(_direct_maps(model, datamodule.test_dataloader()), saved["scale"])
     for category, values in model.test_results["per_category"].items():
-        expected_image = f1_at_threshold(fused[category]["scores"], fused[category]["labels"], saved["image"])
-        expected_pixel = f1_at_threshold(fused[category]["maps"], fused[category]["masks"], saved["pixel"])
+        image, pixel = (
+            calibration["per_category"][category]["image"],
+            calibration["per_category"][category]["pixel"],
+        )
+        expected_image = f1_at_threshold(fused[category]["scores"], fused[category]["labels"], image)
+        expected_pixel = f1_at_threshold(fused[category]["maps"], fused[category]["masks"], pixel)
         assert values["image_F1"] == pytest.approx(expected_image, nan_ok=True)
         assert values["pixel_F1"] == pytest.approx(expected_pixel, nan_ok=True)
 

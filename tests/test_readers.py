@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -129,12 +130,51 @@ def test_mvtec_reports_every_structural_problem_at_once(tmp_path):
     with pytest.raises(DataError) as caught:
         read_dataset("mvtec", tmp_path)
     message = str(caught.value)
-    assert message.startswith("5 problem(s)")
+    assert message.startswith("3 problem(s)"), "a stray note and an unknown folder are passed over"
     assert "test/broken/001.png has no mask" in message
-    assert "notes.txt: not an image" in message
     assert "007_mask.png belongs to no image" in message
-    assert f"unexpected entry {base / 'train' / 'bad'}" in message
     assert f"no mask directory {tmp_path / 'grid' / 'ground_truth' / 'crack'}" in message
+    with pytest.raises(DataError) as caught:
+        read_dataset("mvtec", tmp_path, strict=True)
+    message = str(caught.value)
+    assert f"file {base / 'train' / 'good' / 'notes.txt'} is not an image (data.strict=true)" in message
+    assert f"directory {base / 'train' / 'bad'} is not part of the layout (data.strict=true)" in message
+    assert "test/broken/001.png has no mask" in message
+
+
+def test_release_extras_are_passed_over_and_listed_and_strict_stops_on_them(tmp_path, caplog):
+    """MVTec AD ships license.txt and readme.txt in every category, MVTec 3D-AD a validation/ split."""
+    expected = make_mvtec_tree(tmp_path, ("bottle", "grid"))
+    with caplog.at_level(logging.INFO):
+        records = read_dataset("mvtec", tmp_path)
+    assert counts_of(records) == expected
+    for category in ("bottle", "grid"):
+        assert {tmp_path / category / name for name in ("license.txt", "readme.txt")} <= set(
+            records.passed_over_files
+        )
+        assert tmp_path / category / "validation" in records.passed_over_dirs
+    assert tmp_path / "license.txt" in records.passed_over_files, "the release root's own files too"
+    info = [r for r in caplog.records if "that are not images" in r.getMessage()]
+    warning = [r for r in caplog.records if "directory(ies) the layout does not know" in r.getMessage()]
+    assert len(info) == 1 and info[0].levelno == logging.INFO and "readme.txt" in info[0].getMessage()
+    assert len(warning) == 1 and warning[0].levelno == logging.WARNING
+    assert str(tmp_path / "grid" / "validation") in warning[0].getMessage()
+    with pytest.raises(DataError) as caught:
+        read_dataset("mvtec", tmp_path, strict=True)
+    message = str(caught.value)
+    assert f"file {tmp_path / 'bottle' / 'license.txt'} is not an image" in message
+    assert f"directory {tmp_path / 'grid' / 'validation'} is not part of the layout" in message
+
+
+def test_an_image_outside_the_layout_is_an_error_not_passed_over(tmp_path):
+    make_mvtec_tree(tmp_path, ("bottle",))
+    write_image(tmp_path / "bottle" / "stray.png", np.random.default_rng(0))
+    write_image(tmp_path / "bottle" / "test" / "loose.png", np.random.default_rng(1))
+    with pytest.raises(DataError) as caught:
+        read_dataset("mvtec", tmp_path)
+    message = str(caught.value)
+    assert f"image {tmp_path / 'bottle' / 'stray.png'} lies outside the layout" in message
+    assert f"image {tmp_path / 'bottle' / 'test' / 'loose.png'} lies directly in test/" in message
 
 
 def test_hidden_files_are_passed_over_and_extensions_are_case_insensitive(tmp_path):
@@ -319,22 +359,25 @@ def test_folder_mask_dir_and_normal_dir_can_be_renamed(tmp_path):
     (widget / "train" / "good").rename(widget / "train" / "ok")
     records = read_dataset("folder", tmp_path, ["widget"], mask_dir="masks", normal_dir="ok")
     assert counts_of(records) == {"widget": SplitCounts(4, 1, 3)}
-    with pytest.raises(DataError, match="unexpected entry .*masks"):
+    with pytest.raises(DataError, match="no mask directory .*ground_truth/scratch"):
         read_dataset("folder", tmp_path, ["widget"])
 
 
-def test_folder_ambiguous_missing_masks_and_stray_files_are_errors(tmp_path):
+def test_folder_ambiguous_and_missing_masks_are_errors_a_thumbs_db_is_passed_over(tmp_path):
     make_folder_tree(tmp_path)
     scratch_masks = tmp_path / "widget" / "ground_truth" / "scratch"
     write_mask(scratch_masks / "s1_mask.png", np.random.default_rng(1))
     (scratch_masks / "s2.png").unlink()
-    (tmp_path / "gadget" / "train" / "Thumbs.db").write_bytes(b"\0")
+    thumbs = tmp_path / "gadget" / "train" / "Thumbs.db"
+    thumbs.write_bytes(b"\0")
     with pytest.raises(DataError) as caught:
         read_dataset("folder", tmp_path)
     message = str(caught.value)
     assert "s1.png matches several masks" in message
     assert "s2.JPG has no mask: expected s2_mask.png or s2.png" in message
-    assert "Thumbs.db: not an image" in message
+    assert "Thumbs.db" not in message
+    with pytest.raises(DataError, match=f"file {thumbs} is not an image"):
+        read_dataset("folder", tmp_path, strict=True)
 
 
 # ---------------------------------------------------------------- registry

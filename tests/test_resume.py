@@ -52,6 +52,8 @@ def _start(data_root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
         "test=false",
         "trainer.max_epochs=2",
         "++trainer.limit_train_batches=3",
+        # one image per category held out for calibration: 15 training images, 3 steps of 4 per epoch
+        "data.calibration_min_images=1",
         "trainer.deterministic=true",
         "callbacks.step_checkpoint.every_n_train_steps=2",
         *extra,

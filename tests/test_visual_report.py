@@ -87,7 +87,11 @@ def test_tiny_run_writes_every_report_and_logs_pictures_to_wandb(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     overrides = tiny_overrides(
-        tiny_demo_root, tmp_path, "logger=wandb", "callbacks.report.images_per_category=2", "callbacks.report.curves=true"
+        tiny_demo_root,
+        tmp_path,
+        "logger=wandb",
+        "callbacks.report.images_per_category=2",
+        "callbacks.report.curves=true",
     )
     train(compose("train", overrides))
     categories = sorted(p.name for p in tiny_demo_root.iterdir() if p.is_dir())

@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
             for value in (data.root, data.categories, data.reader_options)
         )
+        strict = bool(data.get("strict", False))
         console.print(
             f"checking data set {data.dataset} at {root} (decode: {args.decode})",
             markup=False,
@@ -51,12 +52,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             decode=args.decode,
             strict_counts=args.strict_counts,
             raise_on_problems=False,
+            strict=strict,
             **(options or {}),
         )
     except OneNIPError as err:
         console.print(str(err), style="red", markup=False, soft_wrap=True)
         return 1
     console.print(report.table())
+    for kind, paths in (
+        ("files that are not images", report.passed_over_files),
+        ("directories the layout does not know", report.passed_over_dirs),
+    ):
+        if paths:
+            listing = "\n".join(f"  {path}" for path in paths)
+            console.print(
+                f"passed over {len(paths)} {kind} (data.strict=true stops on them):\n{listing}",
+                style="yellow",
+                markup=False,
+                soft_wrap=True,
+            )
     for note in report.notes:
         console.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
     if not report.ok:

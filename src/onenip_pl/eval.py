@@ -18,7 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from onenip_pl.config import config_dir
 from onenip_pl.errors import ConfigError, run_or_exit
 from onenip_pl.lightning.module import OneNIPModule
-from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
+from onenip_pl.utils.instantiate import (
+    build_trainer,
+    instantiate,
+    instantiate_loggers,
+    instantiate_run_callbacks,
+)
 from onenip_pl.utils.run import expected_warnings_silenced, finish_loggers, log_from_rank_zero
 
 log = logging.getLogger(__name__)
@@ -72,8 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     datamodule = instantiate(cfg.data, image_size=model.net.image_size)
     loggers = instantiate_loggers(cfg.get("logger"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, instantiate_run_callbacks(cfg), loggers)
     with expected_warnings_silenced():
         trainer.test(model=model, datamodule=datamodule)
     finish_loggers(loggers)

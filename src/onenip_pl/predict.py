@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from onenip_pl.calibration import PostProcessor
 from onenip_pl.config import config_dir
 from onenip_pl.data.image_io import IMAGE_EXTENSIONS, read_rgb
 from onenip_pl.errors import ConfigError, DataError, run_or_exit
@@ -128,7 +129,7 @@ class OutputWriter:
     output_dir: Path
     maps: str
     overlays: bool
-    pixel_threshold: float
+    post_processor: PostProcessor
     png16_scale: float | None
 
     def write(self, name: str, rgb: np.ndarray, detection: Detection, prompt: str) -> dict[str, Any]:
@@ -145,7 +146,8 @@ class OutputWriter:
         if self.overlays:
             overlay_file = f"overlays/{name}.png"
             label = f"{detection.category or 'prompt'} {detection.score:.4g} {detection.verdict}"
-            picture = overlay(rgb, detection.anomaly_map, self.pixel_threshold, label)
+            pixel_threshold = self.post_processor.thresholds(detection.category)[1]
+            picture = overlay(rgb, detection.anomaly_map, pixel_threshold, label)
             save_rgb(picture, self.output_dir / overlay_file)
         return {
             "path": detection.source,
@@ -192,7 +194,7 @@ def predict_files(cfg: DictConfig) -> PredictReport:
         report.output_dir,
         cfg.maps,
         bool(cfg.overlays),
-        detector.pixel_threshold,
+        detector.post_processor,
         _png16_scale(cfg, detector.pixel_threshold),
     )
     batch_size = int(cfg.batch_size)
@@ -217,13 +219,13 @@ def predict_files(cfg: DictConfig) -> PredictReport:
                     table.writerow(row)
                     report.rows.append(row)
             progress.update(task, advance=len(batch), failed=len(report.failures))
-    _write_run_info(report, cfg, detector.image_threshold, writer)
+    _write_run_info(report, cfg, writer)
     _log_summary(report)
     return report
 
 
 def _write_run_info(
-    report: PredictReport, cfg: DictConfig, image_threshold: float, writer: OutputWriter
+    report: PredictReport, cfg: DictConfig, writer: OutputWriter
 ) -> None:
     """run_info.json: what was predicted with which thresholds, and every unreadable file with its error."""
     info = {
@@ -231,8 +233,7 @@ def _write_run_info(
         "input": str(cfg.input),
         "category": cfg.category,
         "prompt": cfg.prompt,
-        "image_threshold": image_threshold if math.isfinite(image_threshold) else None,
-        "pixel_threshold": writer.pixel_threshold if math.isfinite(writer.pixel_threshold) else None,
+        "thresholds": writer.post_processor.threshold_table(),
         "png16_full_scale": writer.png16_scale,
         "predicted": len(report.rows),
         "anomalous": sum(row["decision"] == "anomalous" for row in report.rows),

@@ -12,8 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from onenip_pl.config import config_dir
 from onenip_pl.errors import ConfigError, run_or_exit
-from onenip_pl.lightning.checkpoint_io import SafeCheckpointIO
-from onenip_pl.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
+from onenip_pl.utils.instantiate import (
+    build_trainer,
+    instantiate,
+    instantiate_loggers,
+    instantiate_run_callbacks,
+)
 from onenip_pl.utils.run import expected_warnings_silenced, finish_loggers, log_from_rank_zero
 from onenip_pl.utils.sweep import in_multirun_job, make_ddp_ranks_rerun_this_job, write_job_metrics
 
@@ -51,12 +55,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     log.info("Instantiating model <%s>", cfg.model._target_)
     model = instantiate(cfg.model)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
-    )
+    trainer = build_trainer(cfg, instantiate_run_callbacks(cfg), loggers)
 
     batch = {
         "per_device_batch_size": cfg.data.batch_size,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from onenip_pl.calibration.rules import check_rule, threshold
-from onenip_pl.distributed import gather_cat, gather_objects, global_extremes
+from onenip_pl.data.splits import HELD_OUT
+from onenip_pl.distributed import gather_objects, global_extremes
 from onenip_pl.errors import DataError, check_choice
 from onenip_pl.metrics.evaluator import Evaluator
 
@@ -127,6 +128,11 @@ class PostProcessor(nn.Module):
     def uses_test_set(self) -> bool:
         return self.fusion == "official"
 
+    @property
+    def needs_anomalies(self) -> bool:
+        """Whether the threshold rule needs synthetic anomalies beside the normal images."""
+        return self.threshold_rule == "f1"
+
     def thresholds(self, category: str | None) -> tuple[float, float]:
         """(image, pixel) threshold that decides an image of ``category`` (NaN when uncalibrated)."""
         entry = self.per_category.get(category, self.pooled) if category is not None else self.pooled
@@ -135,40 +141,50 @@ class PostProcessor(nn.Module):
     # ---- calibration ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def calibrate(self, net: nn.Module, maps: MapBatches, prompt_setting: str | None = None) -> float:
-        """Fix ``net.fusion_scale`` on the normal images of ``maps`` and the thresholds on all of them
-        (normal, and synthetic anomalies for the F1 rule); reduced over DDP ranks. Returns the scale."""
-        scale = midrange_scale(maps.rec_maps(normal_only=True), net.fusion_scale.device)
-        scores, labels, pixels, pixel_labels, categories = [], [], [], [], []
-        for batch in maps:
-            anomaly_map, image_score = net.fuse(batch.rec_map, batch.refiner_map, scale)
-            scores.append(image_score)
-            labels.append(batch.label)
-            pixels.append(anomaly_map[..., ::PIXEL_STRIDE, ::PIXEL_STRIDE].flatten())
-            pixel_labels.append(batch.mask[..., ::PIXEL_STRIDE, ::PIXEL_STRIDE].flatten())
-            categories.extend(batch.category)
-        everyone = {
-            "scores": gather_cat(scores),
-            "labels": gather_cat(labels),
-            "pixels": gather_cat(pixels),
-            "pixel_labels": gather_cat(pixel_labels),
-        }
+    def calibrate(
+        self,
+        net: nn.Module,
+        maps: MapBatches,
+        prompt_setting: str | None = None,
+        sources: Mapping[str, str] | None = None,
+        fit_scale: bool = True,
+        categories_only: bool = False,
+    ) -> float:
+        """Fix the thresholds of every category in ``maps`` and the pooled ones (normal images, and
+        synthetic anomalies for the F1 rule), reduced over DDP ranks; with ``fit_scale`` first
+        ``net.fusion_scale`` on the normal images. ``sources`` says where a category's images came from
+        (default ``held_out``; ``training`` when it could spare none). ``categories_only`` leaves the
+        pooled thresholds as they are (enrolling one product). Returns the scale used."""
+        device = net.fusion_scale.device
+        scale = midrange_scale(maps.rec_maps(normal_only=True), device) if fit_scale else net.fusion_scale
+        values = _gather_by_category(_fused_values(net, maps, scale))
+        if not values:
+            raise DataError("calibration got no image; give normal images of every category")
         rule, q = self.threshold_rule, self.threshold_quantile
-        self.pooled = {
-            "image": threshold(rule, everyone["scores"], everyone["labels"], q),
-            "pixel": threshold(rule, everyone["pixels"], everyone["pixel_labels"], q),
-        }
+        for category, entry in sorted(values.items()):
+            self.per_category[category] = {
+                "image": threshold(rule, entry["scores"], entry["labels"], q),
+                "pixel": threshold(rule, entry["pixels"], entry["pixel_labels"], q),
+                "normal_images": int((entry["labels"] == 0).sum()),
+                "anomalies": int(entry["labels"].sum()),
+                "source": (sources or {}).get(category, HELD_OUT),
+            }
+        if not categories_only:
+            everything = {key: torch.cat([entry[key] for entry in values.values()]) for key in _VALUES}
+            self.pooled = {
+                "image": threshold(rule, everything["scores"], everything["labels"], q),
+                "pixel": threshold(rule, everything["pixels"], everything["pixel_labels"], q),
+            }
+            self.prompt_setting = prompt_setting
         net.fusion_scale.fill_(scale)
         self.calibrated = True
-        self.prompt_setting = prompt_setting
-        images = sum(len(chunk) for chunk in gather_objects(categories))
         log.info(
-            "Calibrated on %d images: fusion scale %.6g, image threshold %.6g, pixel threshold %.6g (%s)",
-            images,
-            float(scale),
-            self.pooled["image"],
-            self.pooled["pixel"],
+            "Calibrated %s on %d images (%s): fusion scale %.6g; %s",
+            "categories" if categories_only else "the model",
+            sum(len(entry["labels"]) for entry in values.values()),
             self.describe_rule(),
+            float(scale),
+            "; ".join(f"{name} {self.describe_thresholds(name)}" for name in sorted(values)),
         )
         return float(scale)
 
@@ -182,10 +198,64 @@ class PostProcessor(nn.Module):
                 test_setting,
             )
 
+    def threshold_table(self) -> dict[str, Any]:
+        """``{"pooled": {"image", "pixel"}, "per_category": {category: {"image", "pixel", "source"}}}``
+        in plain JSON values (None where uncalibrated): what predict and export write down."""
+
+        def finite(value: float) -> float | None:
+            return float(value) if math.isfinite(value) else None
+
+        return {
+            "pooled": {level: finite(self.pooled[level]) for level in ("image", "pixel")},
+            "per_category": {
+                category: {
+                    "image": finite(entry["image"]),
+                    "pixel": finite(entry["pixel"]),
+                    "source": entry.get("source", HELD_OUT),
+                }
+                for category, entry in sorted(self.per_category.items())
+            },
+        }
+
+    def describe_thresholds(self, category: str | None) -> str:
+        image, pixel = self.thresholds(category)
+        return f"image {image:.4g}, pixel {pixel:.4g}"
+
     def describe_rule(self) -> str:
         if self.threshold_rule == "quantile":
             return f"quantile {self.threshold_quantile:g} of normal scores"
         return "F1-optimal on normal images and their synthetic anomalies"
+
+
+_VALUES = ("scores", "labels", "pixels", "pixel_labels")
+
+
+def _fused_values(net: nn.Module, maps: MapBatches, scale: Tensor) -> dict[str, dict[str, list[Tensor]]]:
+    """Per category: image scores and labels, and the fused maps' pixels (every PIXEL_STRIDE-th row and
+    column) with their mask values, on the CPU."""
+    values: dict[str, dict[str, list[Tensor]]] = {}
+    for batch in maps:
+        anomaly_map, image_score = net.fuse(batch.rec_map, batch.refiner_map, scale)
+        pixels = anomaly_map[..., ::PIXEL_STRIDE, ::PIXEL_STRIDE].flatten(1).cpu()
+        pixel_labels = batch.mask[..., ::PIXEL_STRIDE, ::PIXEL_STRIDE].flatten(1).cpu()
+        for i, category in enumerate(batch.category):
+            entry = values.setdefault(category, {key: [] for key in _VALUES})
+            entry["scores"].append(image_score[i : i + 1].cpu())
+            entry["labels"].append(batch.label[i : i + 1].cpu())
+            entry["pixels"].append(pixels[i])
+            entry["pixel_labels"].append(pixel_labels[i])
+    return values
+
+
+def _gather_by_category(local: dict[str, dict[str, list[Tensor]]]) -> dict[str, dict[str, Tensor]]:
+    """Every rank's values of each category, concatenated."""
+    merged: dict[str, dict[str, list[Tensor]]] = {}
+    for rank_values in gather_objects(local):
+        for category, entry in rank_values.items():
+            target = merged.setdefault(category, {key: [] for key in _VALUES})
+            for key in _VALUES:
+                target[key] += entry[key]
+    return {c: {key: torch.cat(entry[key]) for key in _VALUES} for c, entry in merged.items()}
 
 
 class TestSetFusion:

@@ -40,8 +40,8 @@ from onenip_pl.data.official_counts import (
     SplitCounts,
 )
 from onenip_pl.data.readers import read_dataset
-from onenip_pl.data.readers._tree import list_images, visible_entries
-from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.readers._tree import TreeScan, list_images, visible_entries
+from onenip_pl.data.records import ImageRecord, Records
 from onenip_pl.errors import ConfigError, DataError
 
 DecodeLevel = Literal["header", "verify", "full"]
@@ -73,6 +73,8 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files_checked: int = 0
+    passed_over_files: list[Path] = field(default_factory=list)
+    passed_over_dirs: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -131,6 +133,9 @@ def check_records(
     """
     level = decode_level(decode)
     report = CheckReport(dataset=dataset, decode=level, records=list(records))
+    if isinstance(records, Records):
+        report.passed_over_files = records.passed_over_files
+        report.passed_over_dirs = records.passed_over_dirs
     if not records:
         report.problems.append("no images at all: the reader found nothing under data.root")
     per_category = count_by_category(records)
@@ -154,10 +159,12 @@ def check_dataset(
     decode: bool | DecodeLevel = True,
     strict_counts: bool = False,
     raise_on_problems: bool = True,
+    strict: bool = False,
     **options: object,
 ) -> CheckReport:
-    """Read data set `dataset` under `root` and check it (see `check_records`)."""
-    records = read_dataset(dataset, root, categories, **options)
+    """Read data set `dataset` under `root` and check it (see `check_records`); ``strict`` stops on the
+    entries a reader would pass over."""
+    records = read_dataset(dataset, root, categories, strict, **options)
     return check_records(
         records, dataset, decode=decode, strict_counts=strict_counts, raise_on_problems=raise_on_problems
     )
@@ -352,12 +359,15 @@ def check_dtd(
         )
     report = TextureReport(root)
     files: list[Path] = []
+    # DTD ships images only: anything else in a class folder is a problem
+    scan = TreeScan(strict=True)
     for entry in visible_entries(images_dir):
         if entry.is_dir():
             report.classes += 1
-            files += list_images(entry, report.problems)
+            files += list_images(entry, scan)
         else:
             report.problems.append(f"unexpected file {entry}; images/ holds one folder per texture class")
+    report.problems += scan.problems
     report.images = len(files)
     if not files:
         report.problems.append(f"no texture images under {images_dir}")

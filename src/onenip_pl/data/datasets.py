@@ -82,7 +82,9 @@ class ImageSource:
         megabytes = sum(image.nbytes for image in images) / 2**20
         log.info(
             "Image cache: %d training images decoded once in %.1f s (%.0f MB in memory)",
-            len(images), time.perf_counter() - start, megabytes,
+            len(images),
+            time.perf_counter() - start,
+            megabytes,
         )
         return images
 
@@ -124,7 +126,8 @@ class TrainTripletDataset(Dataset):
     positions, so they synthesise differently, while a sample is the same on
     any worker and after a restart, which makes resumed runs exact.
 
-    ``query_index`` and ``prompt_index`` (indices into ``source``) name the
+    ``categories`` restricts the queries to those categories (the others' images stay prompts only, for
+    the unseen-product protocol). ``query_index`` and ``prompt_index`` (indices into ``source``) name the
     normal images: queries and prompts are served un-augmented, so a frozen
     backbone's features of each can be cached (onenip_pl.lightning.feature_cache).
     """
@@ -138,13 +141,15 @@ class TrainTripletDataset(Dataset):
         synthesizer: AnomalySynthesizer,
         seed: int = 0,
         fallback_textures: Sequence[np.ndarray] | None = None,
+        categories: Sequence[str] | None = None,
     ) -> None:
         self.source = source
         self.synthesizer = synthesizer
         self.seed = seed
         self.fallback_textures = fallback_textures
         self.prompt_pool = normal_train_index(source.records)
-        self.indices = [i for idx in self.prompt_pool.values() for i in idx]
+        trained = self.prompt_pool if categories is None else {c: self.prompt_pool[c] for c in categories}
+        self.indices = [i for idx in trained.values() for i in idx]
         if not self.indices:
             raise DataError("the training set holds no normal images; check data.root and data.categories")
 
@@ -203,7 +208,9 @@ class PromptedImageDataset(Dataset):
         self.prompt_indices: list[list[int]] = []
         if prompt_mode != "retrieval":
             pool = normal_train_index(prompt_source.records)
-            self.prompt_indices = choose_prompt_indices(self.records, pool, prompt_mode, num_prompts, seed)
+            self.prompt_indices = choose_prompt_indices(
+                self.records, pool, prompt_mode, num_prompts, seed, prompt_source.records
+            )
 
     @property
     def prompt_setting(self) -> str:
@@ -272,6 +279,7 @@ class SyntheticValidationDataset(Dataset):
         self.normal = normal
         self.synthesizer = synthesizer
         self.seed = seed
+        self.prompt_setting = normal.prompt_setting
 
     def __len__(self) -> int:
         return 2 * len(self.normal)

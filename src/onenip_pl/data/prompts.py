@@ -27,15 +27,25 @@ FeatureExtractor = Callable[[Tensor], Tensor]
 
 
 def choose_prompt_indices(
-    records: Sequence[ImageRecord], pool: Mapping[str, Sequence[int]], mode: str, k: int, seed: int
+    records: Sequence[ImageRecord],
+    pool: Mapping[str, Sequence[int]],
+    mode: str,
+    k: int,
+    seed: int,
+    pool_records: Sequence[ImageRecord] = (),
 ) -> list[list[int]]:
     """For each record, ``k`` distinct prompt indices from ``pool[category]``: a seeded draw per record
-    (``random``: the same seed gives the same prompts) or the category's first ``k`` (``first``)."""
+    (``random``: the same seed gives the same prompts) or the category's first ``k`` (``first``). An image
+    is not its own prompt (an index whose record is the image itself, in ``pool_records``, is left out)
+    unless the category has no other."""
     if mode not in ("random", "first"):
         raise ConfigError(f"data.test_prompt={mode!r} is unknown; use one of {PROMPT_MODES}")
     chosen = []
     for item, record in enumerate(records):
         candidates = list(pool.get(record.category, []))
+        others = [i for i in candidates if not _is_itself(pool_records, i, record)]
+        # a category of a single image can only prompt with that image
+        candidates = others if len(others) >= k else candidates
         if len(candidates) < k:
             raise DataError(
                 f"category {record.category!r} has test images but {len(candidates)} normal training "
@@ -48,6 +58,10 @@ def choose_prompt_indices(
             drawn = np.random.default_rng([seed, item]).choice(candidates, k, replace=False)
             chosen.append([int(i) for i in drawn])
     return chosen
+
+
+def _is_itself(pool_records: Sequence[ImageRecord], index: int, record: ImageRecord) -> bool:
+    return index < len(pool_records) and pool_records[index].path == record.path
 
 
 def global_descriptor(features: Tensor) -> Tensor:

@@ -111,6 +111,11 @@ class OneNIPDetector:
     def calibrated(self) -> bool:
         return self.post_processor.calibrated
 
+    def thresholds(self, category: str | None) -> tuple[float, float]:
+        """(image, pixel) thresholds that decide an image of ``category``: its own where calibrated, the
+        pooled ones for another category or a prompt of your own (None); NaN when uncalibrated."""
+        return self.post_processor.thresholds(category)
+
     @property
     def image_threshold(self) -> float:
         """The pooled image threshold (over every category), NaN when uncalibrated."""
@@ -215,5 +220,5 @@ class OneNIPDetector:
         ]
 
     def _decide(self, score: float, category: str | None) -> bool | None:
-        image_threshold = self.post_processor.thresholds(category)[0]
+        image_threshold = self.thresholds(category)[0]
         return (score > image_threshold) if math.isfinite(image_threshold) else None

@@ -9,7 +9,6 @@ without PyTorch. Every export is run once in its runtime and compared with PyTor
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from onenip_pl import __version__
-from onenip_pl.errors import ConfigError
+from onenip_pl.errors import ConfigError, check_choice
+from onenip_pl.extras import require_extra
 from onenip_pl.inference.detector import OneNIPDetector
 from onenip_pl.inference.graph import Uint8Encoder, Uint8Scorer
 
@@ -90,13 +90,7 @@ def _export_onnx(module: nn.Module, example: tuple[Tensor, ...], path: Path, nam
 
 
 def _run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise ConfigError(
-            "format=onnx checks the export with onnxruntime, which is not installed: "
-            "pip install 'onenip-pl[deploy]' (onnx + onnxruntime)."
-        ) from error
+    import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, inputs)
@@ -166,8 +160,9 @@ def export_detector(
     checkpoint: str | None = None,
 ) -> ExportResult:
     """Write the scoring graph (+ the encoder graph), prompt_features.npz and onenip.json into `directory`."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r} is unknown; use one of {FORMATS}.")
+    check_choice("format", fmt, FORMATS)
+    if fmt == "onnx":
+        require_extra("deploy", "format=onnx (the ONNX graph, checked in onnxruntime)")
     if detector.device.type != "cpu":
         raise ConfigError("export from a CPU detector: OneNIPDetector.from_checkpoint(path, device='cpu').")
     directory = Path(directory)
@@ -205,10 +200,6 @@ def export_detector(
     return result
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def describe_export(
     detector: OneNIPDetector,
     result: ExportResult,
@@ -244,7 +235,12 @@ def describe_export(
         },
         "outputs": {
             "anomaly_map": {"dtype": "float32", "shape": ["N", 1, size, size]},
-            "image_score": {"dtype": "float32", "shape": ["N"], "decision": "image_score > thresholds.image"},
+            "image_score": {
+                "dtype": "float32",
+                "shape": ["N"],
+                "decision": "image_score > thresholds.per_category[category].image (thresholds.pooled.image "
+                "for a prompt of your own)",
+            },
         },
         "encoder_io": {
             "inputs": {"image": image_spec},
@@ -255,10 +251,7 @@ def describe_export(
         "prompt_features": result.prompt_features.name if result.prompt_features else None,
         "categories": detector.categories,
         "prompts_per_category": {c: int(f.shape[0]) for c, f in detector.prompt_features.items()},
-        "thresholds": {
-            "image": _finite_or_none(detector.image_threshold),
-            "pixel": _finite_or_none(detector.pixel_threshold),
-        },
+        "thresholds": detector.post_processor.threshold_table(),
         "calibrated": detector.calibrated,
         "fusion_scale": float(detector.net.fusion_scale),
         "checkpoint": checkpoint,

@@ -32,7 +32,7 @@ class Calibration(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.post_processor.uses_test_set or not is_last_training_epoch(trainer):
             return
-        pl_module.calibrate(normal_image_source(trainer, "calibration").calibration_dataloader())
+        pl_module.calibrate_on(normal_image_source(trainer, "calibration"))
 
 
 class PromptBankBuilder(Callback):

@@ -4,7 +4,6 @@ prompted test samples for evaluation."""
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from onenip_pl.data.prompts import PROMPT_MODES
 from onenip_pl.data.readers import read_dataset
 from onenip_pl.data.records import ImageRecord
 from onenip_pl.data.samplers import EvalShardSampler, TrainShardSampler
+from onenip_pl.data.splits import NormalSplits, split_normals
 from onenip_pl.data.synthesis import AnomalySynthesizer, describe_texture_source, find_textures
 from onenip_pl.errors import ConfigError
 from onenip_pl.lightning.resume import ResumableTrainLoader
@@ -49,6 +49,7 @@ class OneNIPDataModule(LightningDataModule):
         root: str | Mapping[str, str] = "data/demo",
         categories: Sequence[str] | None = None,
         reader_options: Mapping[str, Any] | None = None,
+        strict: bool = False,
         image_size: int = 224,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -62,7 +63,9 @@ class OneNIPDataModule(LightningDataModule):
         test_prompt_k: int = 1,
         retrieval_images_per_category: int | None = 32,
         val_fraction: float = 0.0,
-        calibration_images_per_category: int = 16,
+        calibration_fraction: float = 0.1,
+        calibration_min_images: int = 3,
+        holdout_categories: Sequence[str] | None = None,
         cache_images: str = "none",
         cache_dir: str | None = None,
         check_decode: bool | str = "verify",
@@ -80,6 +83,7 @@ class OneNIPDataModule(LightningDataModule):
         self.root = root
         self.categories = list(categories) if categories else None
         self.reader_options = dict(reader_options or {})
+        self.strict = strict
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -104,13 +108,15 @@ class OneNIPDataModule(LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         self.val_fraction = val_fraction
-        self.calibration_images_per_category = calibration_images_per_category
+        self.calibration_fraction = calibration_fraction
+        self.calibration_min_images = calibration_min_images
+        self.holdout_categories = [str(c) for c in holdout_categories or ()]
         self.cache_images = cache_images
         self.cache_dir = cache_dir
         self.check_decode = check_decode
         self.demo_seed = demo_seed
         self.records: list[ImageRecord] = []
-        self.val_records: list[ImageRecord] = []
+        self.splits = NormalSplits()
         self.train_source: ImageSource | None = None
 
     @property
@@ -133,40 +139,44 @@ class OneNIPDataModule(LightningDataModule):
         if self.dataset == "demo":
             self.prepare_data()
         root = self.root if isinstance(self.root, Mapping) else self._single_root()
-        records = read_dataset(self.reader_name, root, self.categories, **self.reader_options)
+        records = read_dataset(self.reader_name, root, self.categories, self.strict, **self.reader_options)
         # the demo's categories are not MVTec's: compare counts with official ones only for benchmarks
         official = None if self.dataset == "demo" else self.dataset
         report = check_records(records, official, decode=self.check_decode)
         for note in report.notes:
             log.warning("Data check: %s", note)
         self.records = list(report.records)
-        train, self.val_records = self._hold_out_validation([r for r in self.records if r.split == "train"])
-        self.train_source = ImageSource(train, self.image_size, self.cache_images, self.cache_dir)
+        self.splits = split_normals(
+            [r for r in self.records if r.split == "train"],
+            self.seed,
+            self.val_fraction,
+            self.calibration_fraction,
+            self.calibration_min_images,
+            self.holdout_categories,
+        )
+        self.train_source = ImageSource(self.splits.pool, self.image_size, self.cache_images, self.cache_dir)
+        trained = sum(r.category in self.splits.trained_categories for r in self.splits.pool)
         log.info(
-            "Data: %s at %s, %d categories, %d training, %d validation and %d test images",
+            "Data: %s at %s, %d categories (%d trained on), %d training, %d validation, %d calibration and "
+            "%d test images",
             self.dataset,
             root,
             len(self.category_names),
-            len(train),
+            len(self.splits.trained_categories),
+            trained,
             len(self.val_records),
+            len(self.splits.calibration),
             len(self.test_records),
         )
 
-    def _hold_out_validation(self, train: list[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
-        """Move a seeded fraction of each category's normal training images to a validation split."""
-        if self.val_fraction == 0.0:
-            return train, []
-        by_category: dict[str, list[int]] = defaultdict(list)
-        for index, record in enumerate(train):
-            by_category[record.category].append(index)
-        held: set[int] = set()
-        for _, indices in sorted(by_category.items()):
-            count = min(len(indices) - 1, max(1, round(self.val_fraction * len(indices))))
-            rng = np.random.default_rng([self.seed, len(indices)])
-            held.update(int(i) for i in rng.choice(indices, size=count, replace=False))
-        return [r for i, r in enumerate(train) if i not in held], [
-            r for i, r in enumerate(train) if i in held
-        ]
+    @property
+    def val_records(self) -> list[ImageRecord]:
+        return self.splits.validation
+
+    @property
+    def calibration_sources(self) -> dict[str, str]:
+        """Where each category's calibration images come from: held_out, training or unseen."""
+        return self.splits.calibration_sources
 
     @property
     def category_names(self) -> list[str]:
@@ -200,7 +210,9 @@ class OneNIPDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
-        dataset = TrainTripletDataset(self.train_source, self.build_synthesizer(), seed=self.seed)
+        dataset = TrainTripletDataset(
+            self.train_source, self.build_synthesizer(), self.seed, categories=self.splits.trained_categories
+        )
         categories = [self.train_source.records[i].category for i in dataset.indices]
         shard = TrainShardSampler(categories, self.seed, rank, world, self.balance_categories)
         return ResumableTrainLoader(
@@ -228,18 +240,22 @@ class OneNIPDataModule(LightningDataModule):
         dataset = SyntheticValidationDataset(normal, self.build_synthesizer(), self.seed)
         return self._loader(dataset, self.eval_batch_size, EvalShardSampler(len(dataset), rank, world))
 
-    def calibration_dataloader(self) -> DataLoader:
-        """Normal images with prompts for fixing the fusion scale before testing.
+    def calibration_dataloader(
+        self, synthetic_anomalies: bool = False, all_normals: bool = False
+    ) -> DataLoader:
+        """The images that fix the fusion scale and the thresholds, prompted as the test is.
 
-        Held-out validation normals when there are any (unseen in training, like
-        test normals), otherwise the first normal training images of each category.
+        The calibration split (held out before training, see onenip_pl.data.splits), or with
+        ``all_normals`` every normal training image of the data set (``python -m onenip_pl.calibrate`` on
+        a folder of new normal parts); an image is never its own prompt. ``synthetic_anomalies`` adds one
+        synthetic anomaly of each image, as training makes them (for the F1 threshold rule).
         """
-        per_category: dict[str, list[ImageRecord]] = {}
-        for record in self.val_records or self.train_source.records:
-            chosen = per_category.setdefault(record.category, [])
-            if record.is_normal and len(chosen) < self.calibration_images_per_category:
-                chosen.append(record)
-        return self._prompted_loader([r for chosen in per_category.values() for r in chosen])
+        records = [r for r in self.records if r.split == "train"] if all_normals else self.splits.calibration
+        dataset = self._prompted_dataset(records)
+        if synthetic_anomalies:
+            dataset = SyntheticValidationDataset(dataset, self.build_synthesizer(), self.seed)
+        rank, world = self._rank_and_world()
+        return self._loader(dataset, self.eval_batch_size, EvalShardSampler(len(dataset), rank, world))
 
     def prompt_bank_images(self, per_category: int) -> dict[str, torch.Tensor]:
         """The first ``per_category`` normal training images of each category (K×3×S×S uint8)."""
@@ -267,11 +283,14 @@ class OneNIPDataModule(LightningDataModule):
             chosen.extend(indices)
         return self._loader(NormalImageDataset(self.train_source, chosen), self.eval_batch_size, None)
 
-    def _prompted_loader(self, records: list[ImageRecord]) -> DataLoader:
-        rank, world = self._rank_and_world()
-        dataset = PromptedImageDataset(
+    def _prompted_dataset(self, records: list[ImageRecord]) -> PromptedImageDataset:
+        return PromptedImageDataset(
             records, self.train_source, self.image_size, self.seed, self.test_prompt, self.test_prompt_k
         )
+
+    def _prompted_loader(self, records: list[ImageRecord]) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = self._prompted_dataset(records)
         return self._loader(dataset, self.eval_batch_size, EvalShardSampler(len(dataset), rank, world))
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,7 +15,13 @@ from onenip_pl.errors import ConfigError
 class NormalImageSource(Protocol):
     """Normal training images of every category, beyond the training triplets (OneNIPDataModule)."""
 
-    def calibration_dataloader(self) -> DataLoader:
+    @property
+    def calibration_sources(self) -> dict[str, str]:
+        """Where each category's calibration images come from (held_out, training, unseen)."""
+
+    def calibration_dataloader(
+        self, synthetic_anomalies: bool = False, all_normals: bool = False
+    ) -> DataLoader:
         """Held-out normal images (and, for the F1 rule, synthetic anomalies of them) with test prompts."""
 
     def retrieval_bank_dataloader(self) -> DataLoader:

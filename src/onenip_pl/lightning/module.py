@@ -31,7 +31,7 @@ from onenip_pl.checkpoint_format import (
 )
 from onenip_pl.data.prompts import PromptBank, batch_prompt_features
 from onenip_pl.lightning.feature_cache import FeatureCache
-from onenip_pl.lightning.interfaces import normal_image_source
+from onenip_pl.lightning.interfaces import NormalImageSource, normal_image_source
 from onenip_pl.lightning.speedups import TrainingSpeedups
 from onenip_pl.metrics.evaluator import Evaluator, flat_results, validation_evaluator
 from onenip_pl.models import OneNIP, onenip_loss
@@ -165,14 +165,23 @@ class OneNIPModule(LightningModule):
             log.info("Prompt retrieval: %s", self._retrieval_bank.describe())
         return self._retrieval_bank
 
-    def calibrate(self, dataloader: DataLoader) -> float:
-        """Fix the fusion scale and thresholds on ``dataloader``'s held-out images, prompted as at test
-        time (the image itself never its own retrieved prompt); returns the scale."""
+    def calibrate(
+        self, dataloader: DataLoader, sources: dict[str, str] | None = None, **options: Any
+    ) -> float:
+        """Fix the fusion scale and thresholds on ``dataloader``'s images, prompted as at test time (an
+        image never its own prompt); ``sources`` and ``options`` go to PostProcessor.calibrate. Returns the
+        scale."""
         was_training = self.training
         self.eval()
         maps = collect_maps(lambda batch: self.prompted_maps(batch, exclude_self=True)[:2], dataloader)
         self.train(was_training)
-        return self.post_processor.calibrate(self.net, maps, dataloader.dataset.prompt_setting)
+        setting = dataloader.dataset.prompt_setting
+        return self.post_processor.calibrate(self.net, maps, setting, sources, **options)
+
+    def calibrate_on(self, source: NormalImageSource) -> float:
+        """Calibrate on a datamodule's held-out split (with synthetic anomalies for the F1 rule)."""
+        loader = source.calibration_dataloader(synthetic_anomalies=self.post_processor.needs_anomalies)
+        return self.calibrate(loader, source.calibration_sources)
 
     # ---- validation: held-out normals + synthetic anomalies, fused by their own normals' scale ------
 
@@ -199,7 +208,7 @@ class OneNIPModule(LightningModule):
             log.warning(
                 "Checkpoint has no calibrated fusion scale: calibrating now on normal training images."
             )
-            self.calibrate(normal_image_source(self._trainer, "calibration").calibration_dataloader())
+            self.calibrate_on(normal_image_source(self._trainer, "calibration"))
         self.post_processor.check_prompt_setting(self.trainer.test_dataloaders.dataset.prompt_setting)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:

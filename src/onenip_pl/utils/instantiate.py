@@ -6,11 +6,13 @@ import logging
 
 import hydra
 from hydra.errors import InstantiationException
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from onenip_pl.errors import OneNIPError
+from onenip_pl.lightning.checkpoint_io import SafeCheckpointIO
 from onenip_pl.utils.wandb_setup import prepare_wandb_config
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,28 @@ def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
         log.info("Instantiating callback %s <%s>", name, conf._target_)
         callbacks.append(instantiate(conf))
     return callbacks
+
+
+def instantiate_run_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The ``callbacks`` group's callbacks and the ``progress`` reporter (none when progress=none)."""
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    progress = cfg.get("progress")
+    if progress and "_target_" in progress:
+        callbacks.append(instantiate(progress))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> Trainer:
+    """The run's Trainer: checkpoints read through the package's safe reader, and a progress bar only
+    when the progress group gives one (Lightning would add its own otherwise)."""
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[SafeCheckpointIO()],
+        enable_progress_bar=any(isinstance(callback, ProgressBar) for callback in callbacks),
+    )
 
 
 def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:

@@ -15,7 +15,7 @@ from onenip_pl.data.readers.folder import read_folder
 from onenip_pl.data.readers.mvtec import read_mvtec
 from onenip_pl.data.readers.union import read_mvtec_visa_btad
 from onenip_pl.data.readers.visa import read_visa
-from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.records import ImageRecord, Records
 from onenip_pl.errors import ConfigError
 
 READERS: dict[str, Callable[..., list[ImageRecord]]] = {
@@ -35,19 +35,22 @@ def read_dataset(
     name: str,
     root: str | Path | Mapping[str, str | Path],
     categories: Sequence[str] | None = None,
+    strict: bool = False,
     **options: object,
-) -> list[ImageRecord]:
-    """Records of data set `name` under `root`; `categories` None or empty means all of them."""
+) -> Records:
+    """Records of data set `name` under `root`; `categories` None or empty means all of them. ``strict``
+    stops on entries the readers would pass over (files that are not images, unknown directories)."""
     reader = READERS.get(name)
     if reader is None:
         raise ConfigError(f"data.dataset={name!r} is unknown; choose one of {sorted(READERS)}")
     _check_root(name, root)
     chosen = normalize_categories(categories)
     try:
-        inspect.signature(reader).bind(root, chosen, **options)
+        inspect.signature(reader).bind(root, chosen, strict=strict, **options)
     except TypeError as err:
         raise ConfigError(f"options {sorted(options)} do not fit data.dataset={name!r}: {err}") from err
-    return reader(root, chosen, **options)
+    records = reader(root, chosen, strict=strict, **options)
+    return records if isinstance(records, Records) else Records(records)
 
 
 def normalize_categories(categories: str | Sequence[str] | None) -> list[str] | None:

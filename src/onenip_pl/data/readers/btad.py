@@ -13,13 +13,13 @@ from pathlib import Path
 
 from onenip_pl.data.readers._tree import (
     TreeLayout,
+    TreeScan,
     how_to_get,
-    raise_if_problems,
     read_category_tree,
     require_root,
     select_categories,
 )
-from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.records import ImageRecord, Records
 from onenip_pl.errors import DataError
 
 TITLE = "BTAD"
@@ -28,7 +28,7 @@ ARCHIVE_FOLDER = "BTech_Dataset_transformed"
 LAYOUT = TreeLayout(normal_dir="ok", mask_dir="ground_truth", mask_suffixes=("",))
 
 
-def read_btad(root: str | Path, categories: Sequence[str] | None = None) -> list[ImageRecord]:
+def read_btad(root: str | Path, categories: Sequence[str] | None = None, strict: bool = False) -> Records:
     """Every image of the chosen products (01, 02, 03), masks paired by stem."""
     root = require_root(root, TITLE, how_to_get("btad", TITLE, PAGE, root))
     if (root / ARCHIVE_FOLDER).is_dir():
@@ -36,9 +36,8 @@ def read_btad(root: str | Path, categories: Sequence[str] | None = None) -> list
             f"{TITLE}: {root} holds the unpacked archive folder {ARCHIVE_FOLDER}/; "
             f"set data.root={root / ARCHIVE_FOLDER}"
         )
-    problems: list[str] = []
+    scan = TreeScan(strict)
     records: list[ImageRecord] = []
-    for product in select_categories(root, categories, TITLE):
-        records += read_category_tree(root / product, product, LAYOUT, problems)
-    raise_if_problems(problems, f"the {TITLE} tree at {root}")
-    return records
+    for product in select_categories(root, categories, TITLE, scan):
+        records += read_category_tree(root / product, product, LAYOUT, scan)
+    return scan.finish(records, f"the {TITLE} tree at {root}")

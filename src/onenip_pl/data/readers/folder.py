@@ -13,8 +13,10 @@ Layout under ``data.root`` (``dataset: folder``)::
 Every extension in ``image_io.IMAGE_EXTENSIONS`` is accepted in any letter case, and images and masks
 need not share an extension. Options (keys under ``data`` passed on by the caller): ``normal_dir``
 renames ``good`` and ``mask_dir`` renames ``ground_truth``. A category without test/ can be trained on
-but not evaluated; the data check says so. Categories are every folder under the root unless
-``categories`` names some. Anything the reader does not understand is an error that names the file.
+but not evaluated; the data check says so. Categories are every folder under the root that holds train/
+or test/, unless ``categories`` names some. Files that are not images (notes, Thumbs.db) and folders the
+layout does not know are passed over and listed in the log, or stop the read with ``strict=True``;
+damage (a defective image without a mask, an image outside the layout) is an error that names the file.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from pathlib import Path
 
 from onenip_pl.data.readers._tree import (
     TreeLayout,
-    raise_if_problems,
+    TreeScan,
     read_category_tree,
     require_root,
     select_categories,
 )
-from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.records import ImageRecord, Records
 
 TITLE = "image folder data set"
 
@@ -39,7 +41,8 @@ def read_folder(
     categories: Sequence[str] | None = None,
     normal_dir: str = "good",
     mask_dir: str = "ground_truth",
-) -> list[ImageRecord]:
+    strict: bool = False,
+) -> Records:
     """Every image of the chosen category folders, masks paired to defective test images by stem."""
     root = require_root(
         root,
@@ -50,9 +53,8 @@ def read_folder(
     layout = TreeLayout(
         normal_dir=normal_dir, mask_dir=mask_dir, mask_suffixes=("_mask", ""), flat_train_allowed=True
     )
-    problems: list[str] = []
+    scan = TreeScan(strict)
     records: list[ImageRecord] = []
-    for category in select_categories(root, categories, TITLE):
-        records += read_category_tree(root / category, category, layout, problems, test_required=False)
-    raise_if_problems(problems, f"the {TITLE} at {root}")
-    return records
+    for category in select_categories(root, categories, TITLE, scan):
+        records += read_category_tree(root / category, category, layout, scan, test_required=False)
+    return scan.finish(records, f"the {TITLE} at {root}")

@@ -13,25 +13,25 @@ from pathlib import Path
 
 from onenip_pl.data.readers._tree import (
     TreeLayout,
+    TreeScan,
     how_to_get,
-    raise_if_problems,
     read_category_tree,
     require_root,
     select_categories,
 )
-from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.records import ImageRecord, Records
 
 TITLE = "MVTec AD"
 PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 LAYOUT = TreeLayout(normal_dir="good", mask_dir="ground_truth", mask_suffixes=("_mask",))
 
 
-def read_mvtec(root: str | Path, categories: Sequence[str] | None = None) -> list[ImageRecord]:
-    """Every image of the chosen categories, with masks paired to defective test images."""
+def read_mvtec(root: str | Path, categories: Sequence[str] | None = None, strict: bool = False) -> Records:
+    """Every image of the chosen categories, with masks paired to defective test images; the release's
+    licence and readme files (and any other non-image entry) are passed over unless ``strict``."""
     root = require_root(root, TITLE, how_to_get("mvtec", TITLE, PAGE, root))
-    problems: list[str] = []
+    scan = TreeScan(strict)
     records: list[ImageRecord] = []
-    for category in select_categories(root, categories, TITLE):
-        records += read_category_tree(root / category, category, LAYOUT, problems)
-    raise_if_problems(problems, f"the {TITLE} tree at {root}")
-    return records
+    for category in select_categories(root, categories, TITLE, scan):
+        records += read_category_tree(root / category, category, LAYOUT, scan)
+    return scan.finish(records, f"the {TITLE} tree at {root}")

@@ -15,7 +15,7 @@ from onenip_pl.data.official_counts import BENCHMARK_CATEGORIES
 from onenip_pl.data.readers.btad import read_btad
 from onenip_pl.data.readers.mvtec import read_mvtec
 from onenip_pl.data.readers.visa import read_visa
-from onenip_pl.data.records import ImageRecord
+from onenip_pl.data.records import ImageRecord, Records
 from onenip_pl.errors import ConfigError, DataError
 
 PART_READERS: dict[str, Callable[..., list[ImageRecord]]] = {
@@ -26,20 +26,20 @@ PART_READERS: dict[str, Callable[..., list[ImageRecord]]] = {
 
 
 def read_mvtec_visa_btad(
-    root: Mapping[str, str | Path], categories: Sequence[str] | None = None
-) -> list[ImageRecord]:
+    root: Mapping[str, str | Path], categories: Sequence[str] | None = None, strict: bool = False
+) -> Records:
     """Records of the three releases together; each keeps its own category names."""
     roots = _part_roots(root)
     wanted = _route_categories(categories)
-    records: list[ImageRecord] = []
+    records = Records()
     owners: dict[str, set[str]] = defaultdict(set)
     for part, reader in PART_READERS.items():
         if wanted is not None and not wanted[part]:
             continue
-        part_records = reader(roots[part], wanted[part] if wanted is not None else None)
+        part_records = reader(roots[part], wanted[part] if wanted is not None else None, strict=strict)
         for record in part_records:
             owners[record.category].add(part)
-        records += part_records
+        records.absorb(part_records)
     clashes = {category: sorted(parts) for category, parts in owners.items() if len(parts) > 1}
     if clashes:
         raise DataError(

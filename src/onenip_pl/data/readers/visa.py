@@ -25,9 +25,15 @@ SPLITS = ("train", "test")
 
 
 def read_visa(
-    root: str | Path, categories: Sequence[str] | None = None, split_file: str = "1cls.csv"
+    root: str | Path,
+    categories: Sequence[str] | None = None,
+    split_file: str = "1cls.csv",
+    strict: bool = False,
 ) -> list[ImageRecord]:
-    """Every row of ``split_csv/<split_file>`` for the chosen objects, each file checked to exist."""
+    """Every row of ``split_csv/<split_file>`` for the chosen objects, each file checked to exist.
+
+    The split file names every image, so nothing else in the tree is read and ``strict`` (for the
+    tree readers: stop on entries that are not part of the layout) has nothing to act on."""
     root = require_root(root, TITLE, how_to_get("visa", TITLE, PAGE, root))
     csv_path = root / "split_csv" / split_file
     if not csv_path.is_file():
