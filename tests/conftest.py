@@ -85,3 +85,32 @@ def tiny_demo_root(tmp_path_factory) -> Path:
     return generate_demo_dataset(
         root, seed=0, image_size=128, num_train=6, num_test_good=2, num_test_defect=3
     )
+
+
+def tiny_data_overrides(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The data settings of `tiny_overrides`, for entry points without trainer, model or callbacks."""
+    keep = ("experiment=", "data.", "paths.")
+    return [o for o in tiny_overrides(data_root, output_dir) if o.startswith(keep)] + list(extra)
+
+
+def run_cli(module: str, *arguments: str, timeout: int = 600, extra_env: dict | None = None):
+    """``python -m <module> <arguments>`` in a fresh process, as a user runs it; stdout+stderr joined."""
+    import subprocess
+    import sys
+
+    environment = {
+        **os.environ,
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "WANDB_MODE": "offline",
+        **(extra_env or {}),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        cwd=REPO_ROOT,
+    )
+    result.output = result.stdout + result.stderr
+    return result

@@ -12,7 +12,8 @@ from conftest import tiny_overrides
 
 from onenip_pl.config import compose
 from onenip_pl.data.datasets import PromptedImageDataset, normal_train_index
-from onenip_pl.data.prompts import PromptBank, global_descriptor, retrieve_prompts
+from onenip_pl.data.image_io import load_image
+from onenip_pl.data.prompts import PromptBank, global_descriptor, retrieve_prompts, thumbnail_descriptor
 from onenip_pl.errors import ConfigError, DataError
 
 
@@ -66,8 +67,8 @@ def test_first_and_k_prompts_come_from_the_category(tiny_demo_root: Path, tmp_pa
     assert _dataset(datamodule, seed=1)[0]["prompt"].shape == (3, 64, 64)
     with pytest.raises(DataError, match="test_prompt_k=7"):
         _dataset(datamodule, seed=1, k=7)
-    with pytest.raises(ConfigError, match="test_prompt='nearest'"):
-        _dataset(datamodule, seed=1, mode="nearest")
+    with pytest.raises(ConfigError, match="test_prompt='closest'"):
+        _dataset(datamodule, seed=1, mode="closest")
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(
@@ -180,3 +181,40 @@ def test_retrieval_calibration_never_uses_the_image_as_its_own_prompt(
         global_descriptor(query), bank.descriptors, bank.categories, exclude=exclude
     )
     assert all(row != own for row, own in zip(indices[:, 0].tolist(), own_rows, strict=True))
+
+
+def test_nearest_prompts_are_the_most_alike_thumbnails_of_the_category(
+    tiny_demo_root: Path, tmp_path: Path
+) -> None:
+    datamodule = _datamodule(_config(tiny_demo_root, tmp_path))
+    source = datamodule.train_source
+    thumbnails = source.thumbnails()
+    dataset = _dataset(datamodule, seed=1, mode="nearest", k=2)
+    pool = normal_train_index(source.records)
+    for record, prompts in zip(dataset.records, dataset.prompt_indices, strict=True):
+        query = thumbnail_descriptor(load_image(record.path, 64))
+        candidates = pool[record.category]
+        ranked = sorted(candidates, key=lambda i: -float(thumbnails[i] @ query))
+        assert prompts == ranked[:2]
+    assert dataset.prompt_setting == "nearest, k=2"
+
+
+def test_training_prompts_by_nearest_are_drawn_among_the_closest_others(tiny_demo_root: Path) -> None:
+    from onenip_pl.data.datasets import NEAREST_CANDIDATES, ImageSource, TrainTripletDataset
+    from onenip_pl.data.readers import read_dataset
+    from onenip_pl.data.synthesis import AnomalySynthesizer
+
+    records = [r for r in read_dataset("mvtec", tiny_demo_root) if r.split == "train"]
+    source = ImageSource(records, 64)
+    dataset = TrainTripletDataset(source, AnomalySynthesizer(64), seed=0, prompt_choice="nearest")
+    thumbnails = source.thumbnails()
+    pool = normal_train_index(records)
+    for position, index in enumerate(dataset.indices):
+        category = records[index].category
+        others = sorted(
+            (i for i in pool[category] if i != index), key=lambda i: -float(thumbnails[i] @ thumbnails[index])
+        )
+        sample = dataset[(position, 0, position)]
+        assert sample["prompt_index"] in others[:NEAREST_CANDIDATES], "a near pose, never the query itself"
+    with pytest.raises(ConfigError, match="data.train_prompt='best'"):
+        TrainTripletDataset(source, AnomalySynthesizer(64), seed=0, prompt_choice="best")

@@ -14,7 +14,6 @@ import os
 import pickle
 import re
 import typing
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ _OMEGACONF_VALUE_CLASSES = [
     list,
     int,
 ]
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch names the callable it refused: "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose ..."
+_REFUSED_GLOBAL = re.compile(r"unsupported(?: global:)? GLOBAL ([\w.]+)", re.IGNORECASE)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -62,21 +62,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = _REFUSED_GLOBAL.search(str(error))
-        culprit = f" (it calls {found.group(1)})" if found else ""
+        if found is None:
+            raise _unreadable(path, "its bytes are no pickle of tensors") from error
         raise CheckpointError(
-            f"checkpoint {path} is refused: it holds objects other than tensors and plain containers"
-            f"{culprit}, and unpickling them could run arbitrary code. Use a checkpoint written by "
-            "onenip-pl, or `python -m onenip_pl.convert` for the authors' files."
+            f"checkpoint {path} is refused: it holds objects other than tensors and plain containers (it "
+            f"calls {found.group(1)}), and unpickling them could run arbitrary code. Use a checkpoint "
+            "written by onenip-pl, or `python -m onenip_pl.convert` for the authors' files."
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable torch checkpoint (truncated, or not a checkpoint at all: "
-            f"{detail}); copy it again or point to another file."
-        ) from error
+    except Exception as error:  # a file that is not a checkpoint fails in whatever way its bytes lead to
+        raise _unreadable(path, error) from error
     if not isinstance(loaded, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, not a checkpoint dict.")
     return loaded
+
+
+def _unreadable(path: Path, error: BaseException | str) -> CheckpointError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(
+        f"checkpoint {path} is not a readable torch checkpoint (truncated, or not a checkpoint at all: "
+        f"{detail[:160]}); copy it again or point to another file."
+    )
 
 
 def state_dict_of(checkpoint: typing.Mapping) -> dict[str, torch.Tensor]:

@@ -13,13 +13,15 @@ the optimiser settings among the hyper-parameters; :func:`upgrade_checkpoint` re
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import Container, OmegaConf
 
-from onenip_pl.errors import CheckpointError
+from onenip_pl.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 2
 NO_BACKBONE_WEIGHTS = {"pretrained": False, "backbone_weights": None}
@@ -97,3 +99,52 @@ def sub_state(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """The entries of ``state_dict`` under ``prefix.``, with the prefix removed."""
     start = f"{prefix}."
     return {key[len(start) :]: value for key, value in state_dict.items() if key.startswith(start)}
+
+
+def updated_checkpoint(
+    checkpoint: Mapping[str, Any],
+    post_processor: torch.nn.Module,
+    fusion_scale: torch.Tensor,
+    prompt_bank: Mapping[str, Any] | None = None,
+    note: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A copy of ``checkpoint`` with a new calibration (post-processor state, fusion scale, its threshold
+    rule among the hyper-parameters), optionally a new prompt bank, and ``note`` appended to its history."""
+    updated = dict(checkpoint)
+    state = dict(checkpoint["state_dict"])
+    state["post_processor._extra_state"] = post_processor.get_extra_state()
+    state["net.fusion_scale"] = fusion_scale.detach().cpu().clone()
+    updated["state_dict"] = state
+    updated["hyper_parameters"] = {
+        **checkpoint["hyper_parameters"],
+        "threshold_rule": post_processor.threshold_rule,
+        "threshold_quantile": post_processor.threshold_quantile,
+    }
+    if prompt_bank is not None:
+        updated["prompt_bank"] = dict(prompt_bank)
+    updated["history"] = [*checkpoint.get("history", []), *([dict(note)] if note else [])]
+    return updated
+
+
+def new_checkpoint_path(source: str | os.PathLike, suffix: str, out: str | os.PathLike | None = None) -> Path:
+    """``out``, or ``<source stem>_<suffix>.ckpt`` beside the source (``..._2``, ``..._3`` if taken): a
+    changed checkpoint never replaces the one it came from."""
+    if out is not None:
+        return Path(out).expanduser()
+    source = Path(source).expanduser()
+    candidate, number = source.with_name(f"{source.stem}_{suffix}.ckpt"), 2
+    while candidate.exists():
+        candidate, number = source.with_name(f"{source.stem}_{suffix}_{number}.ckpt"), number + 1
+    return candidate
+
+
+def save_new_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically; never over an existing file (ConfigError names it)."""
+    path = Path(path).expanduser()
+    if path.exists():
+        raise ConfigError(f"out={path} exists; a new checkpoint never overwrites a file: choose another out=")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(checkpoint), temporary)
+    os.replace(temporary, path)
+    return path

@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from onenip_pl.data.image_io import load_image, read_mask, to_tensor
-from onenip_pl.data.prompts import PROMPT_MODES, choose_prompt_indices
+from onenip_pl.data.prompts import PROMPT_MODES, choose_prompt_indices, thumbnail_descriptor
 from onenip_pl.data.records import ImageRecord
 from onenip_pl.data.synthesis import AnomalySynthesizer
-from onenip_pl.errors import ConfigError, DataError
+from onenip_pl.errors import ConfigError, DataError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ def normal_train_index(records: Sequence[ImageRecord]) -> dict[str, list[int]]:
 
 
 IMAGE_CACHE_MODES = ("none", "memory", "disk")
+TRAIN_PROMPT_CHOICES = ("random", "nearest")
+# a query's prompt is drawn among this many nearest images of its category (data.train_prompt=nearest)
+NEAREST_CANDIDATES = 5
 
 
 class ImageSource:
@@ -72,6 +75,7 @@ class ImageSource:
         self.cache = cache
         self.cache_dir = Path(cache_dir).expanduser() / f"{image_size}px" if cache == "disk" else None
         self._memory: list[np.ndarray] | None = None
+        self._thumbnails: np.ndarray | None = None
         if cache == "memory":
             self._memory = self._decode_all()
 
@@ -96,6 +100,12 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def thumbnails(self) -> np.ndarray:
+        """Every image's thumbnail descriptor (onenip_pl.data.prompts), computed once."""
+        if self._thumbnails is None:
+            self._thumbnails = np.stack([thumbnail_descriptor(self.image(i)) for i in range(len(self))])
+        return self._thumbnails
 
     def image(self, index: int) -> np.ndarray:
         if self._memory is not None:
@@ -142,7 +152,9 @@ class TrainTripletDataset(Dataset):
         seed: int = 0,
         fallback_textures: Sequence[np.ndarray] | None = None,
         categories: Sequence[str] | None = None,
+        prompt_choice: str = "random",
     ) -> None:
+        check_choice("data.train_prompt", prompt_choice, TRAIN_PROMPT_CHOICES)
         self.source = source
         self.synthesizer = synthesizer
         self.seed = seed
@@ -150,6 +162,9 @@ class TrainTripletDataset(Dataset):
         self.prompt_pool = normal_train_index(source.records)
         trained = self.prompt_pool if categories is None else {c: self.prompt_pool[c] for c in categories}
         self.indices = [i for idx in trained.values() for i in idx]
+        self.prompt_candidates: dict[int, list[int]] = {}
+        if prompt_choice == "nearest":
+            self.prompt_candidates = self._nearest_candidates(trained)
         if not self.indices:
             raise DataError("the training set holds no normal images; check data.root and data.categories")
 
@@ -161,7 +176,8 @@ class TrainTripletDataset(Dataset):
         index = self.indices[item]
         record = self.source.records[index]
         rng = np.random.default_rng([self.seed, epoch, position])
-        prompt_index = int(rng.choice(self.prompt_pool[record.category]))
+        candidates = self.prompt_candidates.get(index, self.prompt_pool[record.category])
+        prompt_index = int(rng.choice(candidates))
         query = self.source.image(index)
         prompt = self.source.image(prompt_index)
         synthetic, mask = self.synthesizer(query, rng, fallback_textures=self.fallback_textures)
@@ -174,6 +190,21 @@ class TrainTripletDataset(Dataset):
             "query_index": index,
             "prompt_index": prompt_index,
         }
+
+    def _nearest_candidates(self, trained: dict[str, list[int]]) -> dict[int, list[int]]:
+        """For each query, the NEAREST_CANDIDATES other images of its category whose thumbnails are most
+        alike (the prompt is drawn among them): a prompt in nearly the query's pose."""
+        thumbnails = self.source.thumbnails()
+        candidates = {}
+        for indices in trained.values():
+            pool = np.asarray(self.prompt_pool[self.source.records[indices[0]].category])
+            similarity = thumbnails[indices] @ thumbnails[pool].T
+            for row, index in enumerate(indices):
+                others = [
+                    int(pool[i]) for i in np.argsort(-similarity[row], kind="stable") if pool[i] != index
+                ]
+                candidates[index] = others[:NEAREST_CANDIDATES] or [index]
+        return candidates
 
 
 class PromptedImageDataset(Dataset):
@@ -208,8 +239,12 @@ class PromptedImageDataset(Dataset):
         self.prompt_indices: list[list[int]] = []
         if prompt_mode != "retrieval":
             pool = normal_train_index(prompt_source.records)
+            thumbnails = None
+            if prompt_mode == "nearest":
+                own = np.stack([thumbnail_descriptor(load_image(r.path, image_size)) for r in self.records])
+                thumbnails = (own, prompt_source.thumbnails())
             self.prompt_indices = choose_prompt_indices(
-                self.records, pool, prompt_mode, num_prompts, seed, prompt_source.records
+                self.records, pool, prompt_mode, num_prompts, seed, prompt_source.records, thumbnails
             )
 
     @property

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,24 @@ from torch import Tensor
 from onenip_pl.data.records import ImageRecord
 from onenip_pl.errors import ConfigError, DataError
 
-PROMPT_MODES = ("random", "first", "retrieval")
+PROMPT_MODES = ("random", "first", "nearest", "retrieval")
+THUMBNAIL_SIZE = 16
 FeatureExtractor = Callable[[Tensor], Tensor]
+
+
+def thumbnail_descriptor(rgb: np.ndarray) -> np.ndarray:
+    """A pose-aware descriptor of an image: its 16×16 gray thumbnail, centred and L2-normalised.
+
+    Unlike the pooled features of :func:`global_descriptor` it changes when a part is turned or shifted,
+    so the nearest normal image by it shows the part in the closest pose: the prompt a reconstruction from
+    one normal image benefits from most when parts come at random rotations.
+    """
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
+    small = cv2.resize(gray, (THUMBNAIL_SIZE, THUMBNAIL_SIZE), interpolation=cv2.INTER_AREA)
+    vector = small.astype(np.float32).ravel()
+    vector -= vector.mean()
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
 
 
 def choose_prompt_indices(
@@ -33,13 +50,17 @@ def choose_prompt_indices(
     k: int,
     seed: int,
     pool_records: Sequence[ImageRecord] = (),
+    thumbnails: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[list[int]]:
     """For each record, ``k`` distinct prompt indices from ``pool[category]``: a seeded draw per record
-    (``random``: the same seed gives the same prompts) or the category's first ``k`` (``first``). An image
-    is not its own prompt (an index whose record is the image itself, in ``pool_records``, is left out)
-    unless the category has no other."""
-    if mode not in ("random", "first"):
+    (``random``: the same seed gives the same prompts), the category's first ``k`` (``first``), or the
+    ``k`` most similar by :func:`thumbnail_descriptor` (``nearest``; ``thumbnails`` holds the records' and
+    the pool's descriptors). An image is not its own prompt (an index whose record is the image itself, in
+    ``pool_records``, is left out) unless the category has no other."""
+    if mode not in ("random", "first", "nearest"):
         raise ConfigError(f"data.test_prompt={mode!r} is unknown; use one of {PROMPT_MODES}")
+    if mode == "nearest" and thumbnails is None:
+        raise ConfigError("data.test_prompt=nearest needs the images' thumbnail descriptors")
     chosen = []
     for item, record in enumerate(records):
         candidates = list(pool.get(record.category, []))
@@ -54,6 +75,10 @@ def choose_prompt_indices(
             )
         if mode == "first":
             chosen.append(candidates[:k])
+        elif mode == "nearest":
+            query, pool_descriptors = thumbnails[0][item], thumbnails[1][candidates]
+            order = np.argsort(-(pool_descriptors @ query), kind="stable")[:k]
+            chosen.append([int(candidates[i]) for i in order])
         else:
             drawn = np.random.default_rng([seed, item]).choice(candidates, k, replace=False)
             chosen.append([int(i) for i in drawn])

@@ -29,6 +29,7 @@ from onenip_pl.checkpoint_format import (
 from onenip_pl.data.image_io import resize_rgb
 from onenip_pl.data.prompts import PromptBank
 from onenip_pl.errors import ConfigError
+from onenip_pl.inference.enrollment import Enrollment, enroll_product
 from onenip_pl.inference.images import ImageLike, as_image_list, batch_tensor, describe, resize_map, to_rgb
 from onenip_pl.models import OneNIP
 
@@ -145,6 +146,21 @@ class OneNIPDetector:
     def _features(self, rgbs: Sequence[np.ndarray]) -> Tensor:
         resized = [resize_rgb(rgb, self.image_size) for rgb in rgbs]
         return self.net.extract_features(batch_tensor(resized).to(self.device))
+
+    def enroll(
+        self,
+        category: str,
+        images: ImageLike | Sequence[ImageLike],
+        prompts: int = 1,
+        prompt: int | None = None,
+        overwrite: bool = False,
+    ) -> Enrollment:
+        """Add a product from its normal images, without retraining: the ``prompts`` most typical become
+        its prompts (or the image at position ``prompt``), the others fix its thresholds. See
+        onenip_pl.inference.enrollment; ``save`` puts the result into a new checkpoint."""
+        items = as_image_list(images)
+        rgbs = [to_rgb(item, describe(item, i)) for i, item in enumerate(items)]
+        return enroll_product(self, category, rgbs, prompts, prompt, overwrite)
 
     # ---- prediction -----------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class OneNIPDataModule(LightningDataModule):
         texture_dir: str | None = None,
         seed: int = 133,
         balance_categories: bool = False,
+        train_prompt: str = "random",
         test_prompt: str = "random",
         test_prompt_k: int = 1,
         retrieval_images_per_category: int | None = 32,
@@ -93,6 +94,7 @@ class OneNIPDataModule(LightningDataModule):
         self.texture_dir = texture_dir
         self.seed = seed
         self.balance_categories = balance_categories
+        self.train_prompt = train_prompt
         if test_prompt not in PROMPT_MODES:
             raise ConfigError(f"data.test_prompt={test_prompt!r} is unknown; use one of {PROMPT_MODES}")
         if test_prompt_k < 1:
@@ -211,7 +213,11 @@ class OneNIPDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         dataset = TrainTripletDataset(
-            self.train_source, self.build_synthesizer(), self.seed, categories=self.splits.trained_categories
+            self.train_source,
+            self.build_synthesizer(),
+            self.seed,
+            categories=self.splits.trained_categories,
+            prompt_choice=self.train_prompt,
         )
         categories = [self.train_source.records[i].category for i in dataset.indices]
         shard = TrainShardSampler(categories, self.seed, rank, world, self.balance_categories)

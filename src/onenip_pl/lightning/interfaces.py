@@ -15,6 +15,9 @@ from onenip_pl.errors import ConfigError
 class NormalImageSource(Protocol):
     """Normal training images of every category, beyond the training triplets (OneNIPDataModule)."""
 
+    holdout_categories: list[str]
+    """Categories not trained on (the unseen-product protocol)."""
+
     @property
     def calibration_sources(self) -> dict[str, str]:
         """Where each category's calibration images come from (held_out, training, unseen)."""

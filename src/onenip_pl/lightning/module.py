@@ -223,12 +223,14 @@ class OneNIPModule(LightningModule):
         return {"rec_map": rec_map, "refiner_map": refiner_map}
 
     def on_test_epoch_end(self) -> None:
+        datamodule = self.trainer.datamodule
+        unseen = datamodule.holdout_categories if isinstance(datamodule, NormalImageSource) else []
         if self._set_fusion is None:
             self.test_scale = self.net.fusion_scale.detach().clone()
-            self.test_results = self.evaluator.compute(self.post_processor.thresholds)
+            self.test_results = self.evaluator.compute(self.post_processor.thresholds, unseen)
         else:
             self.test_scale = self._set_fusion.evaluate(self.net, self.evaluator)
-            self.test_results = self.evaluator.compute()
+            self.test_results = self.evaluator.compute(unseen=unseen)
         self.log_dict(flat_results(self.test_results, "test"), sync_dist=False, rank_zero_only=True)
 
     # ---- checkpoint -----------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class LogProgress(ProgressBar):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        done, total = batch_idx + 1, self.total_test_batches_current_dataloader
+        done, total = batch_idx + 1, trainer.num_test_batches[dataloader_idx]
         if self.enabled and (done % self.every_n_steps == 0 or done == total):
             elapsed = time.perf_counter() - self._test_start
             left = elapsed / done * (total - done)

@@ -79,15 +79,28 @@ class Evaluator(nn.Module):
             self._data = self.metrics.category_data()
         return self._data
 
-    def compute(self, thresholds: ThresholdLookup | None = None) -> dict[str, Any]:
+    def compute(
+        self, thresholds: ThresholdLookup | None = None, unseen: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """``{"per_category": ..., "mean": ...}``; with ``thresholds`` (category -> (image, pixel)) also
-        ``image_F1`` and ``pixel_F1``, the F1 of the decisions at the thresholds fixed before the test."""
+        ``image_F1`` and ``pixel_F1``, the F1 of the decisions at the thresholds fixed before the test; with
+        ``unseen`` categories (not trained on) also the means of the seen and of the unseen ones."""
         per_category = {c: dict(v) for c, v in self.metrics.compute()["per_category"].items()}
         if thresholds is not None:
             for category, category_data in self.category_data().items():
                 _add_threshold_f1(per_category[category], category_data, *thresholds(category))
         self._add_retrieval_accuracy(per_category)
-        return summarize({c: grouped_columns(v) for c, v in per_category.items()})
+        results = summarize({c: grouped_columns(v) for c, v in per_category.items()})
+        unseen = [c for c in results["per_category"] if c in set(unseen)]
+        if unseen:
+            groups = {"seen": [c for c in results["per_category"] if c not in unseen], "unseen": unseen}
+            results["groups"] = {
+                name: summarize({c: results["per_category"][c] for c in members})["mean"]
+                for name, members in groups.items()
+                if members
+            }
+            results["unseen_categories"] = unseen
+        return results
 
     def _add_retrieval_accuracy(self, per_category: dict[str, dict[str, float]]) -> None:
         pairs = [pair for chunk in gather_objects(self.retrieval_pairs) for pair in chunk]
@@ -117,6 +130,8 @@ def _add_threshold_f1(
 def flat_results(results: dict[str, Any], prefix: str) -> dict[str, float]:
     """``{prefix/metric: mean}`` and ``{prefix/category/metric: value}``, as loggers take them."""
     flat = {f"{prefix}/{name}": value for name, value in results["mean"].items()}
+    for group, values in results.get("groups", {}).items():
+        flat.update({f"{prefix}/{group}/{name}": value for name, value in values.items()})
     for category, values in results["per_category"].items():
         flat.update({f"{prefix}/{category}/{name}": value for name, value in values.items()})
     return flat

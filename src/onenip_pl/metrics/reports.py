@@ -1,8 +1,10 @@
 """Human- and machine-readable reports of :func:`~onenip_pl.metrics.suite.summarize` results.
 
 ``results`` below always means ``{"per_category": {category: {metric: value}}, "mean": {metric: value}}``
-with values in [0, 1] (NaN where undefined). Tables show percentages with two decimals; the JSON and CSV
-files keep the raw fractions at full precision so that they can be compared and re-read exactly.
+with values in [0, 1] (NaN where undefined), optionally with ``"groups"`` (``{"seen": means, "unseen":
+means}`` of the unseen-product protocol) and ``"unseen_categories"`` (marked in the tables). Tables
+show percentages with two decimals; the JSON and CSV files keep the raw fractions at full precision so
+that they can be compared and re-read exactly.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def format_table(results: Mapping[str, Any]) -> str:
 
     rule = "  ".join("-" * width for width in widths)
     body = [line(row) for row in rows]
-    return "\n".join([line(header), rule, *body[:-1], rule, body[-1]])
+    count = len(results["per_category"])
+    legend = ["* unseen: not trained on (its normal images were prompts and calibration only)"]
+    footer = legend if results.get("unseen_categories") else []
+    return "\n".join([line(header), rule, *body[:count], rule, *body[count:], *footer])
 
 
 def write_reports(results: Mapping[str, Any], run_dir: str | Path) -> dict[str, Path]:
@@ -69,11 +74,14 @@ def write_reports(results: Mapping[str, Any], run_dir: str | Path) -> dict[str, 
         "per_category": {c: _nan_to_none(v) for c, v in results["per_category"].items()},
         "mean": _nan_to_none(results["mean"]),
     }
+    if results.get("groups"):
+        document["groups"] = {name: _nan_to_none(v) for name, v in results["groups"].items()}
+        document["unseen_categories"] = list(results.get("unseen_categories", []))
     paths["json"].write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     with paths["csv"].open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["category", *names])
-        for category, values in _rows_with_mean(results):
+        for category, values in _rows_with_mean(results, marked=False):
             writer.writerow([category, *(_csv_cell(values.get(name, math.nan)) for name in names)])
     paths["markdown"].write_text(_markdown_table(results), encoding="utf-8")
     return paths
@@ -82,12 +90,20 @@ def write_reports(results: Mapping[str, Any], run_dir: str | Path) -> dict[str, 
 def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a metrics.json written by :func:`write_reports` back, null becoming NaN."""
     document = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(document, dict) or set(document) != {"per_category", "mean"}:
+    optional = {"groups", "unseen_categories"}
+    if (
+        not isinstance(document, dict)
+        or not {"per_category", "mean"} <= set(document) <= {"per_category", "mean"} | optional
+    ):
         raise DataError(f"{path}: not a metrics.json written by write_reports (keys per_category and mean)")
-    return {
+    results: dict[str, Any] = {
         "per_category": {c: _none_to_nan(v) for c, v in document["per_category"].items()},
         "mean": _none_to_nan(document["mean"]),
     }
+    if "groups" in document:
+        results["groups"] = {name: _none_to_nan(v) for name, v in document["groups"].items()}
+        results["unseen_categories"] = document.get("unseen_categories", [])
+    return results
 
 
 def plot_curves(data: Mapping[str, CategoryData], out_dir: str | Path) -> dict[str, Path]:
@@ -151,8 +167,12 @@ def _metric_names(results: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys([*results["mean"], *per_category_names]))
 
 
-def _rows_with_mean(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float]]]:
-    return [*results["per_category"].items(), (MEAN_ROW, results["mean"])]
+def _rows_with_mean(results: Mapping[str, Any], marked: bool = True) -> list[tuple[str, Mapping[str, float]]]:
+    """Category rows (an unseen one marked with * when ``marked``), the mean, then each group's mean."""
+    unseen = set(results.get("unseen_categories", ()))
+    rows = [(f"{c} *" if marked and c in unseen else c, v) for c, v in results["per_category"].items()]
+    groups = [(f"{name} {MEAN_ROW}", values) for name, values in results.get("groups", {}).items()]
+    return [*rows, (MEAN_ROW, results["mean"]), *groups]
 
 
 def _percent_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -166,7 +186,8 @@ def _percent_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
 
 def _markdown_table(results: Mapping[str, Any]) -> str:
     header, rows = _percent_rows(results)
-    rows[-1][0] = f"**{rows[-1][0]}**"
+    for row in rows[len(results["per_category"]) :]:
+        row[0] = f"**{row[0]}**"
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":---", *["---:"] * (len(header) - 1)]) + "|",
