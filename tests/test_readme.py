@@ -91,3 +91,8 @@ def test_a_readme_command_composes_with_the_real_config(entry: str, arguments: l
         return
     overrides = [a for a in arguments if a != "-m" and not a.startswith("--")]
     _compose(CONFIG_OF[entry], _first_of_sweeps(overrides))
+
+
+def test_the_readme_holds_no_placeholder() -> None:
+    text = README.read_text()
+    assert "@@" not in text and "CACHE_FIGURES" not in text

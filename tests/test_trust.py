@@ -3,6 +3,7 @@ checkpoints, release trees as shipped, a missing optional extra, logs without a 
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import subprocess
@@ -240,3 +241,19 @@ def test_eval_under_ddp_logs_from_rank_zero_only(
     data_lines = [line for line in result.output.splitlines() if "Data: mvtec at" in line]
     assert len(data_lines) == 1, result.output
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_eval_applies_evaluation_settings_and_refuses_other_model_overrides(
+    tiny_checkpoint: Path, tiny_demo_root: Path, tmp_path: Path
+) -> None:
+    overrides = tiny_overrides(tiny_demo_root, tmp_path / "fixed", "logger=none")
+    refused = run_cli("onenip_pl.eval", *overrides, f"ckpt_path={tiny_checkpoint}", "model.hidden_dim=64")
+    assert refused.returncode == 1 and "Traceback" not in refused.output
+    assert "model.hidden_dim=64 cannot change at eval: the checkpoint has hidden_dim=32" in refused.output
+    lr = run_cli("onenip_pl.eval", *overrides, f"ckpt_path={tiny_checkpoint}", "model.optimizer.lr=0.1")
+    assert lr.returncode == 1 and "model.optimizer.lr=0.1 cannot change at eval" in lr.output
+    applied = tiny_overrides(tiny_demo_root, tmp_path / "official", "logger=none")
+    result = run_cli("onenip_pl.eval", *applied, f"ckpt_path={tiny_checkpoint}", "model.fusion=official")
+    assert result.returncode == 0, result.output
+    report = json.loads((tmp_path / "official" / "metrics.json").read_text())
+    assert "image_F1" not in report["mean"] and "image_F1max" in report["mean"], "the authors' fusion applied"
