@@ -243,6 +243,13 @@ def test_enroll_bad_input_is_named(tiny_checkpoint: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="'wood' is already in the checkpoint.*overwrite=true"):
         detector.enroll("wood", [image])
     detector.enroll("wood", [image, image + 10, image + 20], overwrite=True)
+    detector.post_processor.threshold_rule = "f1"
+    varied = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(5)]
+    with_rule = detector.enroll("f1rule", varied)
+    entry = detector.post_processor.per_category["f1rule"]
+    assert with_rule.spare_images == 4 and (entry["normal_images"], entry["anomalies"]) == (4, 4)
+    assert math.isfinite(entry["image"]), "normal spare images and their synthetic anomalies set an F1 cut"
+    detector.post_processor.threshold_rule = "quantile"
     one = detector.enroll("single", [image])
     assert one.spare_images == 0 and one.source == "pooled (no spare normal image)"
     assert (one.image_threshold, one.pixel_threshold) == detector.thresholds(None)

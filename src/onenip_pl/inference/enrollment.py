@@ -113,35 +113,22 @@ def _spare_maps(detector, category: str, images: list[np.ndarray], features, see
     """The spare images' maps against the new prompts (and, for the F1 rule, their synthetic anomalies')."""
     prompts = detector.bank.features_of(category).to(detector.device)
     maps = MapBatches()
-    zeros = torch.zeros(len(images), 1, detector.image_size, detector.image_size)
+
+    def add(query_features, label: int, masks) -> None:
+        rec_map, refiner_map = detector.net.prompted_maps(query_features, prompts)
+        labels = torch.full((len(images),), label, dtype=torch.long)
+        maps.add(rec_map, refiner_map, {"category": [category] * len(images), "label": labels, "mask": masks})
+
     with torch.inference_mode():
-        rec_map, refiner_map = detector.net.prompted_maps(features, prompts)
-        maps.add(
-            rec_map,
-            refiner_map,
-            {
-                "category": [category] * len(images),
-                "label": torch.zeros(len(images), dtype=torch.long),
-                "mask": zeros,
-            },
-        )
+        add(features, 0, torch.zeros(len(images), 1, detector.image_size, detector.image_size))
         if detector.post_processor.needs_anomalies:
             synthesizer = AnomalySynthesizer(detector.image_size)
             made = [synthesizer(image, np.random.default_rng([seed, i])) for i, image in enumerate(images)]
             batch = torch.stack([to_tensor(image) for image, _ in made]).to(detector.device)
             masks = torch.stack(
-                [torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None] for _, mask in made]
+                [torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None] for _, m in made]
             )
-            rec_map, refiner_map = detector.net.prompted_maps(detector.net.extract_features(batch), prompts)
-            maps.add(
-                rec_map,
-                refiner_map,
-                {
-                    "category": [category] * len(images),
-                    "label": torch.ones(len(images), dtype=torch.long),
-                    "mask": masks,
-                },
-            )
+            add(detector.net.extract_features(batch), 1, masks)
     return maps
 
 
