@@ -78,9 +78,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def _unreadable(path: Path, error: BaseException | str) -> CheckpointError:
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # torch's own sentences follow the first one (advice on miniz, on weights_only): that one is the fact
+    detail = detail.split(". ")[0]
     return CheckpointError(
         f"checkpoint {path} is not a readable torch checkpoint (truncated, or not a checkpoint at all: "
-        f"{detail[:160]}); copy it again or point to another file."
+        f"{detail}); copy it again or point to another file."
     )
 
 
