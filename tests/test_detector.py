@@ -218,7 +218,7 @@ def test_checkpoint_of_onenip_pl_0_1_still_loads(tiny_checkpoint: Path, tmp_path
     checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     calibration = checkpoint["state_dict"]["post_processor._extra_state"]
     hparams = {**checkpoint["hyper_parameters"], **checkpoint["net_config"]}
-    for key in ("threshold_rule", "cpu_training_kernels"):
+    for key in ("threshold_rule", "pixel_threshold_quantile", "cpu_training_kernels"):
         hparams.pop(key)
     hparams.update(lr=1e-4, weight_decay=1e-4, lr_step_size=800, lr_gamma=0.1)
     hparams["out_indices"] = OmegaConf.create(hparams["out_indices"])

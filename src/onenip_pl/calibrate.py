@@ -34,7 +34,7 @@ from onenip_pl.utils.run import log_from_rank_zero
 log = logging.getLogger(__name__)
 
 IMAGE_CHOICES = ("all", "held_out")
-RULE_SETTINGS = ("threshold_rule", "threshold_quantile")
+RULE_SETTINGS = ("threshold_rule", "threshold_quantile", "pixel_threshold_quantile")
 
 
 def calibrate(cfg: DictConfig) -> Path:

@@ -77,7 +77,7 @@ def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
         "version": 1,
         "calibrated": calibrated and math.isfinite(image),
         "rule": "quantile",
-        "quantile": float(hparams.get("threshold_quantile", 0.99)),
+        "quantile": {"image": float(hparams.get("threshold_quantile", 0.99)), "pixel": None},
         "pooled": {"image": image, "pixel": pixel},
         "per_category": {},
         "prompt_setting": checkpoint.pop("calibration_prompt", None),
@@ -119,6 +119,7 @@ def updated_checkpoint(
         **checkpoint["hyper_parameters"],
         "threshold_rule": post_processor.threshold_rule,
         "threshold_quantile": post_processor.threshold_quantile,
+        "pixel_threshold_quantile": post_processor.pixel_threshold_quantile,
     }
     if prompt_bank is not None:
         updated["prompt_bank"] = dict(prompt_bank)

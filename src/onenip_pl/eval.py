@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 
 # how the test is scored: fusion mode, exact or binned metrics, and the threshold rule, which applies when
 # a checkpoint without calibration is calibrated at its first test
-EVAL_SETTINGS = ("fusion", "binned_metrics", "threshold_rule", "threshold_quantile")
+EVAL_SETTINGS = (
+    "fusion",
+    "binned_metrics",
+    "threshold_rule",
+    "threshold_quantile",
+    "pixel_threshold_quantile",
+)
 
 
 def command_line_model_keys() -> list[str]:

@@ -90,14 +90,25 @@ class PostProcessor(nn.Module):
     """
 
     def __init__(
-        self, fusion: str = "calibrated", threshold_rule: str = "quantile", threshold_quantile: float = 0.99
+        self,
+        fusion: str = "calibrated",
+        threshold_rule: str = "quantile",
+        threshold_quantile: float = 0.9,
+        pixel_threshold_quantile: float = 0.999,
     ) -> None:
         super().__init__()
         check_choice("model.fusion", fusion, FUSION_MODES)
-        check_rule(threshold_rule, threshold_quantile)
+        check_rule(
+            threshold_rule,
+            {
+                "model.threshold_quantile": threshold_quantile,
+                "model.pixel_threshold_quantile": pixel_threshold_quantile,
+            },
+        )
         self.fusion = fusion
         self.threshold_rule = threshold_rule
         self.threshold_quantile = threshold_quantile
+        self.pixel_threshold_quantile = pixel_threshold_quantile
         self.calibrated = False
         self.pooled = {"image": math.nan, "pixel": math.nan}
         self.per_category: dict[str, dict[str, Any]] = {}
@@ -110,7 +121,7 @@ class PostProcessor(nn.Module):
             "version": STATE_VERSION,
             "calibrated": self.calibrated,
             "rule": self.threshold_rule,
-            "quantile": self.threshold_quantile,
+            "quantile": {"image": self.threshold_quantile, "pixel": self.pixel_threshold_quantile},
             "pooled": dict(self.pooled),
             "per_category": {name: dict(entry) for name, entry in self.per_category.items()},
             "prompt_setting": self.prompt_setting,
@@ -160,11 +171,11 @@ class PostProcessor(nn.Module):
         values = _gather_by_category(_fused_values(net, maps, scale))
         if not values:
             raise DataError("calibration got no image; give normal images of every category")
-        rule, q = self.threshold_rule, self.threshold_quantile
+        rule, q, pixel_q = self.threshold_rule, self.threshold_quantile, self.pixel_threshold_quantile
         for category, entry in sorted(values.items()):
             self.per_category[category] = {
                 "image": threshold(rule, entry["scores"], entry["labels"], q),
-                "pixel": threshold(rule, entry["pixels"], entry["pixel_labels"], q),
+                "pixel": threshold(rule, entry["pixels"], entry["pixel_labels"], pixel_q),
                 "normal_images": int((entry["labels"] == 0).sum()),
                 "anomalies": int(entry["labels"].sum()),
                 "source": (sources or {}).get(category, HELD_OUT),
@@ -173,7 +184,7 @@ class PostProcessor(nn.Module):
             everything = {key: torch.cat([entry[key] for entry in values.values()]) for key in _VALUES}
             self.pooled = {
                 "image": threshold(rule, everything["scores"], everything["labels"], q),
-                "pixel": threshold(rule, everything["pixels"], everything["pixel_labels"], q),
+                "pixel": threshold(rule, everything["pixels"], everything["pixel_labels"], pixel_q),
             }
             self.prompt_setting = prompt_setting
         net.fusion_scale.fill_(scale)
@@ -223,7 +234,8 @@ class PostProcessor(nn.Module):
 
     def describe_rule(self) -> str:
         if self.threshold_rule == "quantile":
-            return f"quantile {self.threshold_quantile:g} of normal scores"
+            image, pixel = self.threshold_quantile, self.pixel_threshold_quantile
+            return f"quantile {image:g} of normal scores, {pixel:g} of normal pixels"
         return "F1-optimal on normal images and their synthetic anomalies"
 
 

@@ -1,7 +1,8 @@
 """Rules that turn held-out scores into a decision threshold, fixed before any test image is seen.
 
-- ``quantile``: the q-quantile of normal scores (pixels): a false-alarm budget of 1 - q on normal parts.
-  Needs normal images only.
+- ``quantile``: the q-quantile of normal image scores, and another (higher) q of normal pixels: a
+  false-alarm budget of 1 - q on normal parts. Needs normal images only. A map has some 10^4-10^5
+  pixels, so the pixel quantile must be far higher than the image one to flag a handful of them.
 - ``f1``: the threshold that maximises F1 on normal images plus synthetic anomalies made from them (the
   same synthesis as training). Needs no real defect, and adapts to how far a category's anomalies score
   above its normals, which a fixed quantile does not.
@@ -20,10 +21,12 @@ from onenip_pl.errors import ConfigError, check_choice
 THRESHOLD_RULES = ("quantile", "f1")
 
 
-def check_rule(rule: str, quantile: float) -> None:
+def check_rule(rule: str, quantiles: dict[str, float]) -> None:
+    """``quantiles`` by setting name, e.g. ``{"model.threshold_quantile": 0.9}``."""
     check_choice("model.threshold_rule", rule, THRESHOLD_RULES)
-    if not 0.0 < quantile < 1.0:
-        raise ConfigError(f"model.threshold_quantile={quantile} must lie strictly between 0 and 1")
+    for setting, quantile in quantiles.items():
+        if not 0.0 < quantile < 1.0:
+            raise ConfigError(f"{setting}={quantile} must lie strictly between 0 and 1")
 
 
 def quantile_threshold(normal_values: Tensor, q: float) -> float:

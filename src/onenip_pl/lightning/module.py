@@ -46,11 +46,12 @@ class OneNIPModule(LightningModule):
 
     Keywords not listed are OneNIP's (``backbone``, ``image_size``, ``hidden_dim``, ...). ``optimizer``
     and ``scheduler`` build the optimiser from the trainable parameters and the epoch-wise scheduler from
-    it (default: the authors' AdamW 1e-4 and StepLR(800, 0.1)). ``fusion``, ``threshold_rule`` and
-    ``threshold_quantile`` configure the post-processor; ``feature_cache`` (none | memory | disk) keeps the
-    frozen backbone's features of the un-augmented normal training images; ``cpu_training_kernels``
-    (auto: when fitting on a CPU) trains the reconstructor with packed dropout masks; ``compile`` runs the
-    reconstructor through torch.compile (True or a backend name).
+    it (default: the authors' AdamW 1e-4 and StepLR(800, 0.1)). ``fusion``, ``threshold_rule``,
+    ``threshold_quantile`` and ``pixel_threshold_quantile`` configure the post-processor;
+    ``feature_cache`` (none | memory | disk) keeps the frozen backbone's features of the un-augmented
+    normal training images; ``cpu_training_kernels`` (auto: when fitting on a CPU) trains the
+    reconstructor with packed dropout masks; ``compile`` runs the reconstructor through torch.compile
+    (True or a backend name).
     """
 
     def __init__(
@@ -60,7 +61,8 @@ class OneNIPModule(LightningModule):
         dice_weight: float = 0.5,
         fusion: str = "calibrated",
         threshold_rule: str = "quantile",
-        threshold_quantile: float = 0.99,
+        threshold_quantile: float = 0.9,
+        pixel_threshold_quantile: float = 0.999,
         binned_metrics: bool = False,
         compile: bool | str = False,
         feature_cache: str = "none",
@@ -76,7 +78,9 @@ class OneNIPModule(LightningModule):
         )
         self.net_config = plain_containers(net_config)
         self.net = OneNIP(**net_config)
-        self.post_processor = PostProcessor(fusion, threshold_rule, threshold_quantile)
+        self.post_processor = PostProcessor(
+            fusion, threshold_rule, threshold_quantile, pixel_threshold_quantile
+        )
         self.prompt_bank = PromptBank()
         self.evaluator = Evaluator(binned_metrics)
         self.val_evaluator = validation_evaluator(binned_metrics)
