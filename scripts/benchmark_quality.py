@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, default=Path("logs/quality") / stamp, help="where runs and reports go"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--skip-knn", action="store_true", help="OneNIP only (e.g. for a sweep of factors)")
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip-knn", action="store_true", help="OneNIP only (e.g. for a sweep of factors)")
+    skip.add_argument("--skip-onenip", action="store_true", help="the kNN only (e.g. for its coreset size)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     return parser.parse_intermixed_args(argv)
 
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         cfg = compose("train", onenip_overrides(args))
-        runs = {"OneNIP": run_onenip(cfg, args.out.resolve())}
+        runs = {} if args.skip_onenip else {"OneNIP": run_onenip(cfg, args.out.resolve())}
         curve = read_curve(args.out.resolve() / CURVE_FILE) if args.curve else []
         if not args.skip_knn:
             runs["kNN"] = run_knn(cfg, args.knn_coreset)
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(runs), flush=True)
     report = {"overrides": onenip_overrides(args), **runs}
-    if args.curve:
+    if args.curve and "OneNIP" in runs:
         report["curve"] = curve
         report["curve_png"] = str(plot_curve(curve, runs, args.out.resolve()))
     out_json = args.json or args.out / "quality.json"
