@@ -43,8 +43,9 @@ class LogProgress(ProgressBar):
         super().__init__()
         self.every_n_steps = every_n_steps
         self.enabled = True
-        self._fit_start = self._window_start = 0.0
-        self._window_images = 0
+        self._fit_start = 0.0
+        # (start time, images since) of the current step window and of the current epoch
+        self._windows = {"step": [0.0, 0], "epoch": [0.0, 0]}
         self._test_start = 0.0
 
     def disable(self) -> None:
@@ -56,8 +57,7 @@ class LogProgress(ProgressBar):
     # ---- training -------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._fit_start = self._window_start = time.perf_counter()
-        self._window_images = 0
+        self._fit_start = time.perf_counter()
         if self.enabled:
             log.info(
                 "Training: %d epochs of %s batches, %s optimiser steps; a progress line every %d steps",
@@ -67,24 +67,32 @@ class LogProgress(ProgressBar):
                 self.every_n_steps,
             )
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        now = time.perf_counter()
+        self._windows = {"step": [now, 0], "epoch": [now, 0]}
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._window_images += _batch_size(batch) * trainer.world_size
+        for window in self._windows.values():
+            window[1] += _batch_size(batch) * trainer.world_size
         if self.enabled and trainer.global_step % self.every_n_steps == 0 and trainer.global_step:
-            self._report(trainer, outputs)
+            self._report(trainer, outputs, "step")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.enabled:
-            self._report(trainer, None, epoch_done=True)
+            self._report(trainer, None, "epoch")
 
-    def _report(self, trainer: Trainer, outputs: Any, epoch_done: bool = False) -> None:
+    def _report(self, trainer: Trainer, outputs: Any, window: str) -> None:
+        """A line; its speed is over the images since the last step line (or the whole epoch)."""
         now = time.perf_counter()
         step, total = trainer.global_step, trainer.estimated_stepping_batches
         elapsed = now - self._fit_start
         left = elapsed / step * (total - step) if step else math.inf
-        speed = self._window_images / max(now - self._window_start, 1e-9)
-        self._window_start, self._window_images = now, 0
+        started, images = self._windows[window]
+        speed = images / max(now - started, 1e-9)
+        self._windows["step"] = [now, 0]
+        epoch_done = window == "epoch"
         loss = _loss(outputs, trainer, epoch_done)
         log.info(
             "epoch %d/%d%s  step %d/%d  loss %s  %.1f img/s  elapsed %s  left %s",
