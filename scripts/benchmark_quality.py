@@ -81,12 +81,10 @@ def onenip_overrides(args: argparse.Namespace) -> list[str]:
     """The train config's overrides: the demo recipe on the root, the budget, the curve, CSV logging."""
     given = {override.split("=", 1)[0].lstrip("+~") for override in args.overrides}
     out = args.out.resolve()
-    defaults = {
-        "experiment": "demo",
-        "data.dataset": "mvtec",
-        "logger": "csv",
-        "progress": "default",
-    }
+    defaults = {"experiment": "demo", "logger": "csv", "progress": "default"}
+    if "experiment" not in given:
+        # the demo recipe's own reader writes synthetic data; a root given here is read as MVTec AD
+        defaults["data.dataset"] = "mvtec"
     overrides = [f"{key}={value}" for key, value in defaults.items() if key not in given]
     overrides += [
         f"data.root={args.root.resolve()}",
