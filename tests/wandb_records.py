@@ -12,6 +12,7 @@ import struct
 import time
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK_SIZE = 32768
@@ -29,6 +30,8 @@ def _payloads(data: bytes) -> list[bytes]:
             position += room
             continue
         _, length, kind = HEADER.unpack_from(data, position)
+        if position + HEADER.size + length > len(data):
+            break  # the writer is still appending this record
         chunk = data[position + HEADER.size : position + HEADER.size + length]
         position += HEADER.size + length
         if kind == FULL:
@@ -53,12 +56,18 @@ def _records(run_dir: Path, timeout: float = 60.0) -> list:
     (log_file,) = run_dir.glob("*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        records = []
+        records, complete = [], True
         for payload in _payloads(log_file.read_bytes()):
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(payload)
+            try:
+                record.ParseFromString(payload)
+            except DecodeError:
+                # read while the writer was between the header and the end of a record: read again
+                complete = False
+                break
             records.append(record)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+        finished = complete and any(r.WhichOneof("record_type") == "exit" for r in records)
+        if finished or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
 
