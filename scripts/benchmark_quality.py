@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        cfg = compose("train", onenip_overrides(args))
+        overrides = onenip_overrides(args)
+        cfg = compose("train", overrides)
         runs = {} if args.skip_onenip else {"OneNIP": run_onenip(cfg, args.out.resolve())}
         curve = read_curve(args.out.resolve() / CURVE_FILE) if args.curve else []
         if not args.skip_knn:
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_table(runs), flush=True)
-    report = {"overrides": onenip_overrides(args), **runs}
+    report = {"overrides": overrides, **runs}
     if args.curve and "OneNIP" in runs:
         report["curve"] = curve
         report["curve_png"] = str(plot_curve(curve, runs, args.out.resolve()))

@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from onenip_pl.calibration.rules import RULE_SETTINGS
 from onenip_pl.checkpoint_file import read_checkpoint
 from onenip_pl.checkpoint_format import (
     new_checkpoint_path,
@@ -34,7 +35,6 @@ from onenip_pl.utils.run import log_from_rank_zero
 log = logging.getLogger(__name__)
 
 IMAGE_CHOICES = ("all", "held_out")
-RULE_SETTINGS = ("threshold_rule", "threshold_quantile", "pixel_threshold_quantile")
 
 
 def calibrate(cfg: DictConfig) -> Path:

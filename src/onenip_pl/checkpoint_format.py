@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import Container, OmegaConf
 
+from onenip_pl.calibration.rules import RULE_SETTINGS
 from onenip_pl.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 2
@@ -117,9 +118,7 @@ def updated_checkpoint(
     updated["state_dict"] = state
     updated["hyper_parameters"] = {
         **checkpoint["hyper_parameters"],
-        "threshold_rule": post_processor.threshold_rule,
-        "threshold_quantile": post_processor.threshold_quantile,
-        "pixel_threshold_quantile": post_processor.pixel_threshold_quantile,
+        **{name: getattr(post_processor, name) for name in RULE_SETTINGS},
     }
     if prompt_bank is not None:
         updated["prompt_bank"] = dict(prompt_bank)

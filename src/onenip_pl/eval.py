@@ -15,6 +15,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from onenip_pl.calibration.rules import RULE_SETTINGS
 from onenip_pl.config import config_dir
 from onenip_pl.errors import ConfigError, run_or_exit
 from onenip_pl.lightning.module import OneNIPModule
@@ -30,13 +31,7 @@ log = logging.getLogger(__name__)
 
 # how the test is scored: fusion mode, exact or binned metrics, and the threshold rule, which applies when
 # a checkpoint without calibration is calibrated at its first test
-EVAL_SETTINGS = (
-    "fusion",
-    "binned_metrics",
-    "threshold_rule",
-    "threshold_quantile",
-    "pixel_threshold_quantile",
-)
+EVAL_SETTINGS = ("fusion", "binned_metrics", *RULE_SETTINGS)
 
 
 def command_line_model_keys() -> list[str]:

@@ -19,6 +19,8 @@ from torch import Tensor
 from onenip_pl.errors import ConfigError, check_choice
 
 THRESHOLD_RULES = ("quantile", "f1")
+# the model settings that decide how thresholds are fixed (also attributes of the post-processor)
+RULE_SETTINGS = ("threshold_rule", "threshold_quantile", "pixel_threshold_quantile")
 
 
 def check_rule(rule: str, quantiles: dict[str, float]) -> None:
