@@ -7,7 +7,6 @@ of normal images per category), so predicting needs no training data.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from onenip_pl.calibration import PostProcessor
+from onenip_pl.calibration.decision import decide
 from onenip_pl.checkpoint_file import read_checkpoint
 from onenip_pl.checkpoint_format import (
     NO_BACKBONE_WEIGHTS,
@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 class Detection:
     """The prediction for one image.
 
-    ``decision`` is ``score > image threshold`` of the image's category (None when the checkpoint has no
-    calibrated threshold); ``anomaly_map`` is H×W float32 at the image's own resolution; ``category`` is the
-    prompt bank category used (None for a user-given prompt) and ``similarity`` the cosine similarity that
-    retrieval chose it by.
+    ``decision`` is the one decision rule (``score >= image threshold``) of the image's category (None
+    when the checkpoint has no calibrated threshold); ``anomaly_map`` is H×W float32 at the image's own
+    resolution; ``category`` is the prompt bank category used (None for a user-given prompt) and
+    ``similarity`` the cosine similarity that retrieval chose it by.
     """
 
     source: str
@@ -236,5 +236,4 @@ class OneNIPDetector:
         ]
 
     def _decide(self, score: float, category: str | None) -> bool | None:
-        image_threshold = self.thresholds(category)[0]
-        return (score > image_threshold) if math.isfinite(image_threshold) else None
+        return decide(score, self.thresholds(category)[0])

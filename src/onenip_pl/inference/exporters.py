@@ -238,7 +238,7 @@ def describe_export(
             "image_score": {
                 "dtype": "float32",
                 "shape": ["N"],
-                "decision": "image_score > thresholds.per_category[category].image (thresholds.pooled.image "
+                "decision": "image_score >= thresholds.per_category[category].image (thresholds.pooled.image "
                 "for a prompt of your own)",
             },
         },

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from onenip_pl.calibration.decision import anomalous_region, has_threshold
 from onenip_pl.errors import ConfigError
 from onenip_pl.metrics.visual import overlay as heat_overlay
 
@@ -29,12 +30,12 @@ def overlay(
     if image.shape[:2] != anomaly_map.shape:
         raise ValueError(f"image {image.shape[:2]} and map {anomaly_map.shape} differ in size")
     low, high = float(anomaly_map.min()), float(anomaly_map.max())
-    threshold = pixel_threshold if pixel_threshold is not None and math.isfinite(pixel_threshold) else None
+    threshold = pixel_threshold if has_threshold(pixel_threshold) else None
     if threshold is not None:
         high = max(high, threshold)
     blended = heat_overlay(image, anomaly_map, low, high)
     if threshold is not None:
-        region = (anomaly_map > threshold).astype(np.uint8)
+        region = anomalous_region(anomaly_map, threshold).astype(np.uint8)
         contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         thickness = max(1, round(min(image.shape[:2]) / 200))
         cv2.drawContours(blended, contours, -1, CONTOUR_RGB, thickness)

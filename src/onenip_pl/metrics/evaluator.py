@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from onenip_pl.calibration.decision import anomalous_region
 from onenip_pl.distributed import gather_objects
 from onenip_pl.metrics.suite import AnomalyMetrics, CategoryData, summarize
 
@@ -26,9 +27,9 @@ _COLUMN_GROUPS = {"image": 0, "pixel": 1}
 
 
 def f1_at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> float:
-    """F1 of the decision ``score >= threshold`` (a threshold fixed before the test, unlike F1max);
-    NaN when there is neither an anomaly nor a false alarm to count."""
-    predicted = scores >= threshold
+    """F1 of the one decision rule at a threshold fixed before the test (unlike F1max); NaN when there is
+    neither an anomaly nor a false alarm to count."""
+    predicted = anomalous_region(scores, threshold)
     actual = labels.bool()
     true_positives = int((predicted & actual).sum())
     errors = int((predicted ^ actual).sum())

@@ -7,7 +7,6 @@ background that lights up), which is what one needs to decide what to fix.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from onenip_pl.calibration.decision import anomalous_region, has_threshold
 from onenip_pl.errors import ConfigError
 
 __all__ = ["PANEL_TITLES", "SampleKeeper", "VisualSample", "overlay", "sample_panels", "write_sample_grids"]
@@ -80,16 +80,15 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float)
 def sample_panels(
     sample: VisualSample, threshold: float | None, low: float, high: float
 ) -> dict[str, np.ndarray | None]:
-    """The four panels of a row as arrays; ``prediction`` is ``anomaly_map >= threshold`` (None without
+    """The four panels of a row as arrays; ``prediction`` is the decision rule's region (None without
     a threshold, e.g. under the authors' test-set fusion, which has no threshold fixed in advance)."""
     image = sample.image.permute(1, 2, 0).cpu().numpy()
     anomaly_map = sample.anomaly_map.float().cpu().numpy()
-    has_threshold = threshold is not None and math.isfinite(threshold)
     return {
         "image": image,
         "ground truth": sample.mask.cpu().numpy().astype(bool),
         "anomaly map": overlay(image, anomaly_map, low, high),
-        "prediction": anomaly_map >= threshold if has_threshold else None,
+        "prediction": anomalous_region(anomaly_map, threshold) if has_threshold(threshold) else None,
     }
 
 
@@ -174,7 +173,7 @@ def _put_text(image: np.ndarray, text: str, origin: tuple[int, int], scale: floa
 
 
 def _heading(category: str, threshold: float | None) -> str:
-    if threshold is None or not math.isfinite(threshold):
+    if not has_threshold(threshold):
         return category
     return f"{category}   (prediction: pixel score >= {threshold:.4g})"
 
