@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TINY_MODEL
 
-from onenip_pl.baselines.knn import gaussian_blur, greedy_coreset
+from onenip_pl.baselines.knn import gaussian_blur, greedy_coreset, nearest_distances
 
 SCRIPT = REPO_ROOT / "scripts" / "benchmark_quality.py"
 
@@ -82,3 +82,17 @@ def test_greedy_coreset_spreads_over_the_data_and_blur_keeps_the_mass() -> None:
     maps[0, 0, 20, 20] = 1.0
     blurred = gaussian_blur(maps, sigma=4.0)
     assert blurred.sum() == pytest.approx(1.0, rel=1e-4) and blurred.argmax() == maps.argmax()
+
+
+def test_nearest_distances_equal_a_float64_brute_force_search() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(700, 48, generator=generator) + 2.0
+    # more queries than one chunk, and a query lying on a bank row (distance 0 is not clamped below 0)
+    queries = torch.cat([torch.randn(300, 48, generator=generator) + 2.0, bank[:1]])
+    ours = nearest_distances(queries, bank, chunk=128)
+    exact = torch.cdist(queries.double(), bank.double()).amin(dim=1)
+    # float32 |q|^2 + |b|^2 - 2 q.b over d channels: each term rounds to within d * u of (|q| + |b|)^2
+    extent = (queries.double().norm(dim=1).max() + bank.double().norm(dim=1).max()) ** 2
+    squared_bound = (48 + 2) * 2.0**-24 * float(extent)
+    assert float((ours.double().square() - exact.square()).abs().max()) <= squared_bound
+    assert ours.shape == (301,) and float(ours[-1]) <= squared_bound**0.5

@@ -79,6 +79,25 @@ def _squared_distances(rows: Tensor, row_norms: Tensor, centres: Tensor) -> Tens
     return (row_norms[:, None] - 2 * rows @ centres.T + centres.square().sum(dim=1)[None, :]).clamp_min_(0)
 
 
+def nearest_distances(queries: Tensor, bank: Tensor, chunk: int = DISTANCE_CHUNK) -> Tensor:
+    """Euclidean distance of each query row to its nearest bank row.
+
+    min_b |q - b|^2 = |q|^2 + min_b (|b|^2 - 2 q.b): the query's norm does not take part in the search, so
+    each chunk costs one matrix product written into a reused buffer (``addmm`` adds the bank norms in
+    the same pass) and one row-wise minimum over contiguous memory, instead of building and rescanning a
+    full distance matrix per chunk.
+    """
+    bank_norms = bank.square().sum(dim=1)
+    buffer = torch.empty(min(chunk, len(queries)), len(bank), dtype=bank.dtype, device=bank.device)
+    nearest = torch.empty(len(queries), dtype=bank.dtype, device=bank.device)
+    for start in range(0, len(queries), chunk):
+        rows = queries[start : start + chunk]
+        products = buffer[: len(rows)]
+        torch.addmm(bank_norms, rows, bank.T, beta=1.0, alpha=-2.0, out=products)
+        nearest[start : start + len(rows)] = products.amin(dim=1) + rows.square().sum(dim=1)
+    return nearest.clamp_min_(0).sqrt_()
+
+
 class PatchKNN:
     """Fit on normal images, then score images: N×1×S×S anomaly maps and N image scores."""
 
@@ -144,15 +163,8 @@ class PatchKNN:
             raise ConfigError("call fit() with normal images before score()")
         features = self.patch_features(images)
         count, _, height, width = features.shape
-        queries = features.permute(0, 2, 3, 1).flatten(0, 2)
-        bank_norms = self.bank.square().sum(dim=1)
-        nearest = torch.cat(
-            [
-                _squared_distances(self.bank, bank_norms, chunk).min(dim=0).values
-                for chunk in queries.split(DISTANCE_CHUNK)
-            ]
-        )
-        distances = nearest.sqrt().view(count, 1, height, width)
+        distances = nearest_distances(features.permute(0, 2, 3, 1).flatten(0, 2), self.bank)
+        distances = distances.view(count, 1, height, width)
         size = (self.image_size, self.image_size)
         maps = gaussian_blur(
             F.interpolate(distances, size, mode="bilinear", align_corners=True), SMOOTHING_SIGMA
