@@ -310,8 +310,9 @@ def test_gradients_match_the_authors(inputs):
             f"above float32 accuracy {AUTHORS_BOUND[part]:g}: our maths differs from theirs"
         )
 
-    def total_norm(gradients: dict[str, Tensor]) -> Tensor:
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in gradients]))
+    def total_norm(gradients: list[Tensor]) -> Tensor:
+        norms = [torch.linalg.vector_norm(gradient.double()) for gradient in gradients]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     exact_norm = float(total_norm(list(exact_grads.values())))
     ours_norm = float(total_norm(list(grads.values())))
