@@ -93,8 +93,18 @@ def tiny_data_overrides(data_root: Path, output_dir: Path, *extra: str) -> list[
     return [o for o in tiny_overrides(data_root, output_dir) if o.startswith(keep)] + list(extra)
 
 
-def run_cli(module: str, *arguments: str, timeout: int = 600, extra_env: dict | None = None):
-    """``python -m <module> <arguments>`` in a fresh process, as a user runs it; stdout+stderr joined."""
+def run_cli(
+    module: str,
+    *arguments: str,
+    timeout: int = 600,
+    extra_env: dict | None = None,
+    blocked: tuple[str, ...] = (),
+):
+    """``python -m <module> <arguments>`` in a fresh process, as a user runs it; stdout+stderr joined.
+
+    ``blocked`` packages cannot be imported in that process (None in sys.modules), as after a plain
+    ``pip install -e .`` without the extra that brings them.
+    """
     import subprocess
     import sys
 
@@ -104,13 +114,16 @@ def run_cli(module: str, *arguments: str, timeout: int = 600, extra_env: dict | 
         "WANDB_MODE": "offline",
         **(extra_env or {}),
     }
+    command = [sys.executable, "-m", module, *arguments]
+    if blocked:
+        block = "".join(f"sys.modules[{name!r}] = None; " for name in blocked)
+        code = (
+            f"import runpy, sys; {block}sys.argv = [{module!r}, *{list(arguments)!r}]; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+        )
+        command = [sys.executable, "-c", code]
     result = subprocess.run(
-        [sys.executable, "-m", module, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environment,
-        cwd=REPO_ROOT,
+        command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO_ROOT
     )
     result.output = result.stdout + result.stderr
     return result

@@ -27,6 +27,7 @@ CONFIG_OF = {
     "calibrate": "calibrate",
     "enroll": "enroll",
     "check": "train",
+    "serve": "serve",
 }
 SCRIPTS = ("scripts/benchmark_quality.py", "scripts/benchmark.py")
 
@@ -75,7 +76,7 @@ COMMANDS = readme_commands()
 
 def test_the_readme_shows_every_entry_point() -> None:
     shown = {name for name, _ in COMMANDS}
-    assert {"train", "eval", "predict", "export", "convert", "calibrate", "enroll", "check"} <= shown
+    assert {"train", "eval", "predict", "export", "convert", "calibrate", "enroll", "check", "serve"} <= shown
     assert "scripts/benchmark_quality.py" in shown
 
 

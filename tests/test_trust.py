@@ -165,15 +165,14 @@ def test_a_release_tree_with_licences_and_a_validation_split_is_read_and_its_ext
 
 def test_export_without_the_deploy_extra_names_the_install(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """onnx and onnxruntime made unimportable in the child process, as in a plain `pip install -e .`."""
-    code = (
-        "import sys, runpy; sys.modules['onnx'] = None; sys.modules['onnxruntime'] = None; "
-        f"sys.argv = ['export', 'ckpt_path={tiny_checkpoint}', 'paths.output_dir={tmp_path}']; "
-        "runpy.run_module('onenip_pl.export', run_name='__main__')"
+    result = run_cli(
+        "onenip_pl.export",
+        f"ckpt_path={tiny_checkpoint}",
+        f"paths.output_dir={tmp_path}",
+        timeout=300,
+        blocked=("onnx", "onnxruntime"),
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
-    )
-    output = result.stdout + result.stderr
+    output = result.output
     assert result.returncode == 1 and "Traceback" not in output, output
     assert "pip install 'onenip-pl[deploy]'" in output and "onnx" in output
     assert not list(tmp_path.glob("*.onnx")), "nothing half-written"

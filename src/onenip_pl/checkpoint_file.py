@@ -10,6 +10,7 @@ detector, backbone weights) goes through :func:`read_checkpoint`; there is no sw
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import pickle
 import re
@@ -84,6 +85,15 @@ def _unreadable(path: Path, error: BaseException | str) -> CheckpointError:
         f"checkpoint {path} is not a readable torch checkpoint (truncated, or not a checkpoint at all: "
         f"{detail}); copy it again or point to another file."
     )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex): the identity of a checkpoint a result came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def state_dict_of(checkpoint: typing.Mapping) -> dict[str, torch.Tensor]:

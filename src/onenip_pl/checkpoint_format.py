@@ -4,6 +4,8 @@
   ``post_processor._extra_state`` (calibration: thresholds per category, pooled thresholds, the rule);
 - ``net_config``: the keyword arguments that rebuild the plain OneNIP network;
 - ``prompt_bank``: ``{category: {"images": uint8 K×3×S×S, "features": float32 K×C×h×w}}``;
+- ``pose``: which categories turn their prompts to the query's pose, and why (onenip_pl.data.pose.PoseState;
+  absent in checkpoints written before it: every category is then scored at a fixed pose);
 - ``hyper_parameters``: the LightningModule's, in plain lists and dicts (so ``weights_only`` loading works).
 
 Checkpoints of onenip-pl 0.1 (no ``format_version``) kept one pooled threshold as top-level buffers and
@@ -108,9 +110,11 @@ def updated_checkpoint(
     fusion_scale: torch.Tensor,
     prompt_bank: Mapping[str, Any] | None = None,
     note: Mapping[str, Any] | None = None,
+    pose: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A copy of ``checkpoint`` with a new calibration (post-processor state, fusion scale, its threshold
-    rule among the hyper-parameters), optionally a new prompt bank, and ``note`` appended to its history."""
+    rule among the hyper-parameters), optionally a new prompt bank and pose state, and ``note`` appended to
+    its history."""
     updated = dict(checkpoint)
     state = dict(checkpoint["state_dict"])
     state["post_processor._extra_state"] = post_processor.get_extra_state()
@@ -122,8 +126,27 @@ def updated_checkpoint(
     }
     if prompt_bank is not None:
         updated["prompt_bank"] = dict(prompt_bank)
+    if pose is not None:
+        updated["pose"] = dict(pose)
     updated["history"] = [*checkpoint.get("history", []), *([dict(note)] if note else [])]
     return updated
+
+
+def module_checkpoint(module: Any) -> dict[str, Any]:
+    """A checkpoint of a OneNIPModule as training writes one (its on_save_checkpoint adds the prompt bank,
+    the network settings and plain containers, so that weights_only loading accepts it)."""
+    import lightning
+
+    checkpoint = {
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+        "state_dict": module.state_dict(),
+        "hparams_name": "kwargs",
+        "hyper_parameters": dict(module.hparams),
+    }
+    module.on_save_checkpoint(checkpoint)
+    return checkpoint
 
 
 def new_checkpoint_path(source: str | os.PathLike, suffix: str, out: str | os.PathLike | None = None) -> Path:

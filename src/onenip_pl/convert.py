@@ -7,18 +7,17 @@ The result is a Lightning checkpoint of OneNIPModule that `onenip_pl.eval` loads
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning
 import torch
 from omegaconf import DictConfig
 
-from onenip_pl.checkpoint_file import read_checkpoint, state_dict_of
+from onenip_pl.checkpoint_file import file_sha256, read_checkpoint, state_dict_of
+from onenip_pl.checkpoint_format import module_checkpoint
 from onenip_pl.config import config_dir
 from onenip_pl.data.datasets import normal_train_index
 from onenip_pl.data.image_io import load_image
@@ -30,14 +29,6 @@ from onenip_pl.models.backbone import OFFICIAL_BACKBONE
 from onenip_pl.models.official import load_official_state_dict
 
 log = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _prompt_images(root: str, dataset: str, image_size: int, per_category: int) -> dict[str, torch.Tensor]:
@@ -94,19 +85,9 @@ def convert_checkpoint(
 
 
 def _lightning_checkpoint(module: OneNIPModule, source: Path) -> dict[str, Any]:
-    """A Lightning checkpoint of the module, written as training writes one (module.on_save_checkpoint:
-    prompt bank, network settings, plain containers that weights_only=True loading accepts)."""
-    checkpoint = {
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": 0,
-        "state_dict": module.state_dict(),
-        "hparams_name": "kwargs",
-        "hyper_parameters": dict(module.hparams),
-        "converted_from": {"path": str(source), "sha256": _sha256(source)},
-    }
-    module.on_save_checkpoint(checkpoint)
-    return checkpoint
+    """A Lightning checkpoint of the module, written as training writes one, that names its source."""
+    source_identity = {"path": str(source), "sha256": file_sha256(source)}
+    return {**module_checkpoint(module), "converted_from": source_identity}
 
 
 def convert(cfg: DictConfig) -> Path:

@@ -65,6 +65,7 @@ def enroll(cfg: DictConfig) -> Path:
         detector.net.fusion_scale,
         prompt_bank=detector.bank.to_state(),
         note=note,
+        pose=detector.pose.to_state(),
     )
     out = save_new_checkpoint(checkpoint, new_checkpoint_path(source, "enrolled", cfg.out))
     log.info(

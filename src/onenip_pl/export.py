@@ -1,4 +1,5 @@
-"""Export a checkpoint for deployment: `python -m onenip_pl.export ckpt_path=PATH [format=onnx|torch_export]`.
+"""Export a checkpoint for deployment:
+`python -m onenip_pl.export ckpt_path=PATH [format=onnx|openvino|torch_export]`.
 
 See onenip_pl.inference.exporters for what the graph takes and returns; the onenip.json sidecar written
 next to it says the same for a reader without this package.

@@ -8,8 +8,9 @@ import importlib.util
 from onenip_pl.errors import ConfigError
 
 EXTRAS = {
-    # exporting to ONNX and checking the exported graph in onnxruntime
-    "deploy": ("onnx", "onnxruntime"),
+    # exporting to ONNX / OpenVINO IR, checking the exported graph, the detector's compiled runtimes,
+    # and the inspection server
+    "deploy": ("onnx", "onnxruntime", "openvino", "litserve", "python_multipart"),
 }
 
 
@@ -20,9 +21,10 @@ def _importable(name: str) -> bool:
         return False
 
 
-def require_extra(extra: str, needed_for: str) -> None:
-    """ConfigError naming the missing packages and ``pip install 'onenip-pl[extra]'``."""
-    missing = [name for name in EXTRAS[extra] if not _importable(name)]
+def require_extra(extra: str, needed_for: str, packages: tuple[str, ...] | None = None) -> None:
+    """ConfigError naming the missing packages and ``pip install 'onenip-pl[extra]'``; ``packages``: the
+    ones this use needs (default: all of the extra's)."""
+    missing = [name for name in (packages or EXTRAS[extra]) if not _importable(name)]
     if missing:
         raise ConfigError(
             f"{needed_for} needs {' and '.join(missing)}, which are not installed: "

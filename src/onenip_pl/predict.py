@@ -1,8 +1,9 @@
 """Predict: `python -m onenip_pl.predict ckpt_path=PATH input=DIR|FILE|GLOB [category=NAME | prompt=IMAGE]`.
 
 Writes, in the run directory: predictions.csv (one row per image), maps/ (the anomaly map of each image at its
-original resolution), overlays/ (image + heat-map + outline of the region above the pixel threshold) and
-run_info.json. A file that cannot be read is named and skipped; the run exits non-zero if any was.
+original resolution), overlays/ (image + heat-map + outline of the region above the pixel threshold),
+run_info.json and report.html (a row per image, highest score first; report=false: none). A file that cannot
+be read is named and skipped (a failed row in report.html); the run exits non-zero if any was.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from onenip_pl.data.image_io import IMAGE_EXTENSIONS, read_rgb
 from onenip_pl.errors import ConfigError, DataError, run_or_exit
 from onenip_pl.inference import Detection, OneNIPDetector
 from onenip_pl.inference.visualize import overlay, save_map_png16, save_rgb
+from onenip_pl.review import RunRows, write_review_page
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,7 @@ def predict_files(cfg: DictConfig) -> PredictReport:
     files, base = expand_input(str(cfg.input))
     names = output_names(files, base)
     category = None if cfg.category is None else str(cfg.category)  # BTAD's are named 01, 02, 03
-    detector = OneNIPDetector.from_checkpoint(cfg.ckpt_path, device=cfg.device)
+    detector = OneNIPDetector.from_checkpoint(cfg.ckpt_path, device=cfg.device, runtime=cfg.runtime)
     prompt = read_rgb(cfg.prompt) if cfg.prompt is not None else None
     if prompt is None and category is None:
         log.info("No category given: each image gets the category of its nearest bank prompt")
@@ -197,6 +199,7 @@ def predict_files(cfg: DictConfig) -> PredictReport:
         detector.post_processor,
         _png16_scale(cfg, detector.pixel_threshold),
     )
+    review = RunRows(report.output_dir) if cfg.report else None
     batch_size = int(cfg.batch_size)
     with open(report.csv_path, "w", newline="") as handle, _progress() as progress:
         table = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
@@ -218,10 +221,23 @@ def predict_files(cfg: DictConfig) -> PredictReport:
                     row = writer.write(name, rgb, detection, str(cfg.prompt or ""))
                     table.writerow(row)
                     report.rows.append(row)
+                    if review is not None:
+                        review.add_detection(name, rgb, detection, detector.post_processor.thresholds)
             progress.update(task, advance=len(batch), failed=len(report.failures))
     _write_run_info(report, cfg, writer)
+    if review is not None:
+        _write_review(review, report, str(cfg.input))
     _log_summary(report)
     return report
+
+
+def _write_review(review: RunRows, report: PredictReport, input_spec: str) -> None:
+    """report.html: the predicted rows and a failed row, with its reason, per unreadable file."""
+    for path, error in report.failures:
+        review.add_failure(path, error)
+    title = f"Predict review: {input_spec}"
+    page = write_review_page(review.rows, report.output_dir, title=title, labelled=False)
+    log.info("Review page written to %s", page)
 
 
 def _write_run_info(

@@ -136,6 +136,8 @@ class TrainTripletDataset(Dataset):
     positions, so they synthesise differently, while a sample is the same on
     any worker and after a restart, which makes resumed runs exact.
 
+    ``prompt_pools`` replaces the prompt candidates of the named categories (those whose prompts are turned
+    to the query's pose, drawn from the images whose turned features are kept).
     ``categories`` restricts the queries to those categories (the others' images stay prompts only, for
     the unseen-product protocol). ``query_index`` and ``prompt_index`` (indices into ``source``) name the
     normal images: queries and prompts are served un-augmented, so a frozen
@@ -153,6 +155,7 @@ class TrainTripletDataset(Dataset):
         fallback_textures: Sequence[np.ndarray] | None = None,
         categories: Sequence[str] | None = None,
         prompt_choice: str = "random",
+        prompt_pools: dict[str, Sequence[int]] | None = None,
     ) -> None:
         check_choice("data.train_prompt", prompt_choice, TRAIN_PROMPT_CHOICES)
         self.source = source
@@ -165,6 +168,11 @@ class TrainTripletDataset(Dataset):
         self.prompt_candidates: dict[int, list[int]] = {}
         if prompt_choice == "nearest":
             self.prompt_candidates = self._nearest_candidates(trained)
+        # a category whose prompts are turned to the query's pose draws them from its own pool (the images
+        # whose turned features the model keeps), not by the thumbnail's pose
+        for category, pool in (prompt_pools or {}).items():
+            for index in trained.get(category, []):
+                self.prompt_candidates[index] = list(pool)
         if not self.indices:
             raise DataError("the training set holds no normal images; check data.root and data.categories")
 

@@ -27,10 +27,12 @@ from onenip_pl.checkpoint_format import (
     upgrade_checkpoint,
 )
 from onenip_pl.data.image_io import resize_rgb
+from onenip_pl.data.pose import PoseState
 from onenip_pl.data.prompts import PromptBank
 from onenip_pl.errors import ConfigError
 from onenip_pl.inference.enrollment import Enrollment, enroll_product
-from onenip_pl.inference.images import ImageLike, as_image_list, batch_tensor, describe, resize_map, to_rgb
+from onenip_pl.inference.images import ImageLike, as_image_list, describe, resize_map, to_rgb
+from onenip_pl.inference.runtimes import build_runtime
 from onenip_pl.models import OneNIP
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class OneNIPDetector:
 
     Without a category or prompt, each image gets the category whose bank prompt is nearest to it (cosine
     similarity of mean-pooled neck features), so mixed batches from several products work unlabelled.
+
+    ``runtime`` runs the two graphs (prompt encoder, scoring) in PyTorch ("torch", on ``device``) or
+    compiled for the CPU by "onnxruntime" or "openvino" (see onenip_pl.inference.runtimes); the compiled
+    ones bake in the net's weights and fusion scale when the detector is made.
     """
 
     def __init__(
@@ -74,15 +80,24 @@ class OneNIPDetector:
         prompt_bank: PromptBank | None = None,
         post_processor: PostProcessor | None = None,
         device: str | torch.device = "cpu",
+        runtime: str = "torch",
+        pose: PoseState | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.net = net.eval().to(self.device)
         self.bank = prompt_bank if prompt_bank is not None else PromptBank()
         self.post_processor = post_processor if post_processor is not None else PostProcessor()
+        self.runtime = build_runtime(runtime, self.net, self.device)
+        # which categories turn their prompts to the query's pose (the checkpoint's decisions)
+        self.pose = pose if pose is not None else PoseState()
+        self._posed: dict[str, Tensor] = {}
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> OneNIPDetector:
-        """Load a training, calibrated or converted checkpoint (weights_only; nothing in it is executed)."""
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", runtime: str = "torch"
+    ) -> OneNIPDetector:
+        """Load a training, calibrated or converted checkpoint (weights_only; nothing in it is executed)
+        to run on ``runtime`` (torch | onnxruntime | openvino)."""
         checkpoint = upgrade_checkpoint(read_checkpoint(path))
         require_onenip_checkpoint(checkpoint, path)
         net = OneNIP(**{**checkpoint["net_config"], **NO_BACKBONE_WEIGHTS})
@@ -98,7 +113,9 @@ class OneNIPDetector:
                 float(net.fusion_scale),
                 path,
             )
-        return cls(net, PromptBank.from_state(checkpoint.get("prompt_bank")), post_processor, device)
+        bank = PromptBank.from_state(checkpoint.get("prompt_bank"))
+        pose = PoseState.from_checkpoint(checkpoint, path)
+        return cls(net, bank, post_processor, device, runtime, pose)
 
     @property
     def categories(self) -> list[str]:
@@ -131,6 +148,21 @@ class OneNIPDetector:
     def prompt_features(self) -> dict[str, Tensor]:
         return {category: self.bank.features_of(category) for category in self.categories}
 
+    def posed_prompt_features(self, category: str) -> Tensor:
+        """K×R×C×h×w, what the scoring graph takes: a category's K bank prompts at each of the R turns it
+        is tried at (R = 1 for a fixed-pose category), turned and encoded once from the bank's images."""
+        features = self.bank.features_of(category).to(self.device)
+        if not self.pose.rotating(category):
+            return features[:, None]
+        if category not in self._posed:
+            images = self.bank.images_of(category)
+            self._posed[category] = self.pose.posed(self.net.extract_features, category, images, features)
+        return self._posed[category]
+
+    def forget_posed(self, category: str) -> None:
+        """Drop a category's turned prompt features (its prompts were replaced)."""
+        self._posed.pop(category, None)
+
     @property
     def prompt_images(self) -> dict[str, Tensor]:
         return {category: self.bank.images_of(category) for category in self.categories}
@@ -144,8 +176,11 @@ class OneNIPDetector:
         return self._features([to_rgb(item, describe(item, i)) for i, item in enumerate(items)])
 
     def _features(self, rgbs: Sequence[np.ndarray]) -> Tensor:
-        resized = [resize_rgb(rgb, self.image_size) for rgb in rgbs]
-        return self.net.extract_features(batch_tensor(resized).to(self.device))
+        return self.runtime.encode(self._resized(rgbs))
+
+    def _resized(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
+        """N×S×S×3 uint8: what both graphs take."""
+        return np.stack([resize_rgb(rgb, self.image_size) for rgb in rgbs])
 
     def enroll(
         self,
@@ -187,9 +222,10 @@ class OneNIPDetector:
         if names is not None and len(names) != len(items):
             raise ConfigError(f"{len(names)} names for {len(items)} images.")
         labels = list(names) if names is not None else [describe(item, i) for i, item in enumerate(items)]
-        fixed = self.encode(prompt) if prompt is not None else None
+        # a prompt of your own is used as it is given (R = 1)
+        fixed = self.encode(prompt)[:, None] if prompt is not None else None
         if category is not None:
-            fixed = self.bank.features_of(category).to(self.device)
+            fixed = self.posed_prompt_features(category)
         detections: list[Detection] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -204,20 +240,23 @@ class OneNIPDetector:
         category: str | None,
         fixed_prompts: Tensor | None,
     ) -> list[Detection]:
-        query_features = self._features(rgbs)
+        images = self._resized(rgbs)
+        query_features = None
         if fixed_prompts is not None:
             groups = {category: (list(range(len(rgbs))), fixed_prompts)}
             retrieved: list[tuple[Any, float | None]] = [(category, None)] * len(rgbs)
         else:
+            query_features = self.runtime.encode(images)
             names, similarity = self.bank.nearest(query_features)
             retrieved = list(zip(names, similarity.tolist(), strict=True))
             groups = {}
             for index, name in enumerate(names):
-                groups.setdefault(name, ([], self.bank.features_of(name).to(self.device)))[0].append(index)
+                groups.setdefault(name, ([], self.posed_prompt_features(name)))[0].append(index)
         maps: list[np.ndarray | None] = [None] * len(rgbs)
         scores = [0.0] * len(rgbs)
         for indices, prompts in groups.values():
-            anomaly_map, score = self.net.score(query_features[indices], prompts)
+            features = None if query_features is None else query_features[indices]
+            anomaly_map, score = self.runtime.score(images[indices], prompts, features)
             for position, index in enumerate(indices):
                 maps[index] = anomaly_map[position, 0].float().cpu().numpy()
                 scores[index] = float(score[position])

@@ -17,6 +17,7 @@ import torch
 
 from onenip_pl.calibration import MapBatches
 from onenip_pl.data.image_io import resize_rgb, to_tensor
+from onenip_pl.data.pose import align_prompts
 from onenip_pl.data.prompts import representative_rows
 from onenip_pl.data.synthesis import AnomalySynthesizer
 from onenip_pl.errors import ConfigError
@@ -80,6 +81,9 @@ def enroll_product(
         chosen = representative_rows(features, prompts)
     prompt_images = torch.stack([torch.from_numpy(images[i]).permute(2, 0, 1) for i in chosen])
     detector.bank.add(category, prompt_images, features[chosen])
+    # whether its prompts turn to the query's pose, by the checkpoint's data.pose setting
+    detector.forget_posed(category)
+    log.info("Pose of %s: %s", category, detector.pose.decide(category, images, seed).reason)
     spare = [i for i in range(len(images)) if i not in chosen]
     post = detector.post_processor
     if spare:
@@ -111,10 +115,11 @@ def enroll_product(
 
 def _spare_maps(detector, category: str, images: list[np.ndarray], features, seed: int) -> MapBatches:
     """The spare images' maps against the new prompts (and, for the F1 rule, their synthetic anomalies')."""
-    prompts = detector.bank.features_of(category).to(detector.device)
+    posed = detector.posed_prompt_features(category)
     maps = MapBatches()
 
     def add(query_features, label: int, masks) -> None:
+        prompts, _ = align_prompts(query_features, posed)
         rec_map, refiner_map = detector.net.prompted_maps(query_features, prompts)
         labels = torch.full((len(images),), label, dtype=torch.long)
         maps.add(rec_map, refiner_map, {"category": [category] * len(images), "label": labels, "mask": masks})

@@ -1,15 +1,20 @@
-"""Export the deployed graph (ONNX or torch.export) with a JSON sidecar and the prompt bank's features.
+"""Export the deployed graph (ONNX, OpenVINO IR or torch.export) with a JSON sidecar and the prompt bank's
+features.
 
 The graph takes uint8 RGB images N×S×S×3 (NHWC, already resized to S×S) and a category's prompt features
-K×C×h×w and returns the anomaly map N×1×S×S and the image score N; normalisation and the calibrated fusion
-are inside. An optional encoder graph (images -> neck features) lets a line set a new normal prompt
-without PyTorch. Every export is run once in its runtime and compared with PyTorch before it is reported.
+K×R×C×h×w (K prompts at R turns; R = 1 for a fixed-pose category) and returns the anomaly map N×1×S×S and
+the image score N; the choice of turn, normalisation and the calibrated fusion are inside. An optional
+encoder graph (images -> neck features) lets a line set a new normal prompt without PyTorch. Every export
+is run once in its runtime and compared with PyTorch before it is reported.
+
+OpenVINO IR is converted from the traced ONNX graph rather than from the torch module: the conversion takes
+seconds instead of a slower second trace, keeps the input and output names, and ONNX Runtime and OpenVINO
+then run one and the same graph.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +25,25 @@ import torch
 from torch import Tensor, nn
 
 from onenip_pl import __version__
+from onenip_pl.calibration.decision import RULE_TEXT
 from onenip_pl.errors import ConfigError, check_choice
 from onenip_pl.extras import require_extra
 from onenip_pl.inference.detector import OneNIPDetector
-from onenip_pl.inference.graph import Uint8Encoder, Uint8Scorer
+from onenip_pl.inference.graph import (
+    ENCODER_NAMES,
+    SCORER_NAMES,
+    Uint8Encoder,
+    Uint8Scorer,
+    example_prompts,
+    onnx_bytes,
+    write_onnx,
+)
+from onenip_pl.inference.runtimes import compile_openvino, openvino_model
 
-FORMATS = ("onnx", "torch_export")
-SUFFIX = {"onnx": ".onnx", "torch_export": ".pt2"}
+FORMATS = ("onnx", "openvino", "torch_export")
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torch_export": ".pt2"}
+# the Python packages each format needs, from the deploy extra
+FORMAT_PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
 MODEL_STEM = "onenip"
 ENCODER_STEM = "onenip_encoder"
 SIDECAR_NAME = "onenip.json"
@@ -57,11 +74,14 @@ def _sample_inputs(detector: OneNIPDetector) -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(0)
         queries = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=generator)
     with torch.inference_mode():
-        prompts = (
+        features = (
             next(iter(detector.prompt_features.values()))
             if detector.prompt_features
             else Uint8Encoder(detector.net)(queries[:1])
         )
+        # a rotating category's turned prompts when there is one: the check then covers the turn's choice
+        rotating = [category for category in detector.categories if detector.pose.rotating(category)]
+        prompts = detector.posed_prompt_features(rotating[0]) if rotating else example_prompts(features)
     # at least 2 images and 2 prompts: torch.export would fix a batch axis seen with size 1
     return _at_least_two(queries), _at_least_two(prompts.detach().cpu().clone())
 
@@ -70,30 +90,27 @@ def _at_least_two(batch: Tensor) -> Tensor:
     return batch if batch.shape[0] >= 2 else batch.repeat(2, *([1] * (batch.ndim - 1)))
 
 
-def _export_onnx(module: nn.Module, example: tuple[Tensor, ...], path: Path, names: dict, opset: int) -> None:
-    """Legacy (TorchScript-tracing) ONNX exporter: the torch.export-based one needs onnxscript, which is
-    not a dependency. Tracing turns the models' input-size checks into constants, which is right: the
-    sizes are fixed by image_size, only N and K vary."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=Warning)
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            dynamo=False,
-            input_names=list(names["inputs"]),
-            output_names=list(names["outputs"]),
-            dynamic_axes=names["dynamic_axes"],
-            opset_version=opset,
-        )
-
-
 def _run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, inputs)
+
+
+def _export_openvino(
+    module: nn.Module, example: tuple[Tensor, ...], path: Path, names: dict, opset: int
+) -> None:
+    import openvino
+
+    model = openvino_model(onnx_bytes(module, example, names, opset))
+    # float32 weights in the .bin: the decisions must equal PyTorch's, not a float16 approximation
+    openvino.save_model(model, str(path), compress_to_fp16=False)
+
+
+def _run_openvino(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    compiled = compile_openvino(openvino_model(path))
+    outputs = compiled(inputs)
+    return [outputs[port] for port in compiled.outputs]
 
 
 def _export_program(module: nn.Module, example: tuple[Tensor, ...], path: Path, dims: Sequence) -> None:
@@ -115,7 +132,9 @@ def _export_and_compare(
     """Write `module` in `fmt`, run it in its runtime on `example`; per output (max |difference|,
     max |PyTorch value|)."""
     if fmt == "onnx":
-        _export_onnx(module, example, path, names, opset)
+        write_onnx(module, example, path, names, opset)
+    elif fmt == "openvino":
+        _export_openvino(module, example, path, names, opset)
     else:
         dynamic_shapes = [
             {axis: torch.export.Dim(f"{name}_{label}", min=1, max=4096) for axis, label in axes.items()}
@@ -124,7 +143,8 @@ def _export_and_compare(
         ]
         _export_program(module, example, path, dynamic_shapes)
     inputs = {name: tensor.numpy() for name, tensor in zip(names["inputs"], example, strict=True)}
-    runtime = _run_onnx(path, inputs) if fmt == "onnx" else _run_program(path, inputs)
+    run = {"onnx": _run_onnx, "openvino": _run_openvino, "torch_export": _run_program}[fmt]
+    runtime = run(path, inputs)
     with torch.inference_mode():
         reference = module(*example)
     reference = reference if isinstance(reference, tuple) else (reference,)
@@ -132,23 +152,6 @@ def _export_and_compare(
         name: (float(np.abs(got - want.numpy()).max()), float(want.abs().max()))
         for name, got, want in zip(names["outputs"], runtime, reference, strict=True)
     }
-
-
-SCORER_NAMES = {
-    "inputs": ("image", "prompt_features"),
-    "outputs": ("anomaly_map", "image_score"),
-    "dynamic_axes": {
-        "image": {0: "N"},
-        "prompt_features": {0: "K"},
-        "anomaly_map": {0: "N"},
-        "image_score": {0: "N"},
-    },
-}
-ENCODER_NAMES = {
-    "inputs": ("image",),
-    "outputs": ("features",),
-    "dynamic_axes": {"image": {0: "N"}, "features": {0: "N"}},
-}
 
 
 def export_detector(
@@ -161,8 +164,8 @@ def export_detector(
 ) -> ExportResult:
     """Write the scoring graph (+ the encoder graph), prompt_features.npz and onenip.json into `directory`."""
     check_choice("format", fmt, FORMATS)
-    if fmt == "onnx":
-        require_extra("deploy", "format=onnx (the ONNX graph, checked in onnxruntime)")
+    if fmt in FORMAT_PACKAGES:
+        require_extra("deploy", f"format={fmt} (the graph, checked in its runtime)", FORMAT_PACKAGES[fmt])
     if detector.device.type != "cpu":
         raise ConfigError("export from a CPU detector: OneNIPDetector.from_checkpoint(path, device='cpu').")
     directory = Path(directory)
@@ -184,7 +187,8 @@ def export_detector(
     prompts_path = None
     if detector.prompt_features:
         prompts_path = directory / PROMPTS_NAME
-        np.savez(prompts_path, **{c: f.cpu().numpy() for c, f in detector.prompt_features.items()})
+        posed = {c: detector.posed_prompt_features(c).cpu().numpy() for c in detector.categories}
+        np.savez(prompts_path, **posed)
     sidecar = directory / SIDECAR_NAME
     result = ExportResult(
         model_path,
@@ -210,7 +214,7 @@ def describe_export(
 ) -> dict[str, Any]:
     """The sidecar: what goes in and comes out of the graph, the categories, thresholds and provenance."""
     size = detector.image_size
-    channels, height, width = sample_prompts.shape[1:]
+    channels, height, width = sample_prompts.shape[2:]
     image_spec = {
         "dtype": "uint8",
         "shape": ["N", size, size, 3],
@@ -220,7 +224,8 @@ def describe_export(
     return {
         "onenip_pl_version": __version__,
         "format": fmt,
-        "opset": opset if fmt == "onnx" else None,
+        # OpenVINO IR is converted from the ONNX graph of this opset
+        "opset": opset if fmt in FORMAT_PACKAGES else None,
         "model": result.model.name,
         "encoder": result.encoder.name if result.encoder else None,
         "image_size": size,
@@ -228,9 +233,10 @@ def describe_export(
             "image": image_spec,
             "prompt_features": {
                 "dtype": "float32",
-                "shape": ["K", int(channels), int(height), int(width)],
-                "source": f"{PROMPTS_NAME}[category] or the encoder's output for normal images; "
-                "the maps of the K prompts are averaged",
+                "shape": ["K", "R", int(channels), int(height), int(width)],
+                "source": f"{PROMPTS_NAME}[category] (K prompts at R turns each: each query takes the turn "
+                "nearest its pose; R = 1 for a fixed-pose category), or the encoder's output for normal "
+                "images with an axis of size 1 added at 1; the maps of the K prompts are averaged",
             },
         },
         "outputs": {
@@ -238,8 +244,8 @@ def describe_export(
             "image_score": {
                 "dtype": "float32",
                 "shape": ["N"],
-                "decision": "image_score >= thresholds.per_category[category].image (thresholds.pooled.image "
-                "for a prompt of your own)",
+                "decision": f"{RULE_TEXT}: image_score against thresholds.per_category[category].image "
+                "(thresholds.pooled.image for a prompt of your own)",
             },
         },
         "encoder_io": {
@@ -251,6 +257,7 @@ def describe_export(
         "prompt_features": result.prompt_features.name if result.prompt_features else None,
         "categories": detector.categories,
         "prompts_per_category": {c: int(f.shape[0]) for c, f in detector.prompt_features.items()},
+        "pose": detector.pose.to_state(),
         "thresholds": detector.post_processor.threshold_table(),
         "calibrated": detector.calibrated,
         "fusion_scale": float(detector.net.fusion_scale),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from onenip_pl.data.image_io import read_rgb, scale_to_uint8, to_tensor
+from onenip_pl.data.image_io import read_rgb, scale_to_uint8
 from onenip_pl.errors import DataError
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -90,8 +90,3 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
         return anomaly_map.astype(np.float32, copy=False)
     resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     return resized.astype(np.float32, copy=False)
-
-
-def batch_tensor(rgb_images: Sequence[np.ndarray]) -> torch.Tensor:
-    """S×S×3 uint8 arrays -> N×3×S×S float in [0, 1], as data.image_io.to_tensor makes each."""
-    return torch.stack([to_tensor(rgb) for rgb in rgb_images])

@@ -33,7 +33,9 @@ def overlay(
     threshold = pixel_threshold if has_threshold(pixel_threshold) else None
     if threshold is not None:
         high = max(high, threshold)
-    blended = heat_overlay(image, anomaly_map, low, high)
+    # numpy keeps the input's memory order, so a view of a batch tensor (N×3×H×W permuted) blends into an
+    # array OpenCV's drawing functions refuse: draw on a C-ordered copy
+    blended = np.ascontiguousarray(heat_overlay(image, anomaly_map, low, high))
     if threshold is not None:
         region = anomalous_region(anomaly_map, threshold).astype(np.uint8)
         contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -60,10 +62,16 @@ def save_rgb(image: np.ndarray, path: Path) -> None:
     Image.fromarray(image).save(path)
 
 
-def save_map_png16(anomaly_map: np.ndarray, path: Path, full_scale: float) -> None:
-    """A 16-bit gray PNG of the map: value = map / full_scale · 65535, clipped (full_scale is recorded)."""
+def map_png16(anomaly_map: np.ndarray, full_scale: float) -> np.ndarray:
+    """The map as 16-bit gray: value = map / full_scale · 65535, clipped (full_scale is recorded)."""
     if not math.isfinite(full_scale) or full_scale <= 0:
         raise ConfigError(f"the 16-bit map scale {full_scale} must be a positive number; set png16_max.")
     scaled = np.clip(np.round(anomaly_map.astype(np.float64) / full_scale * 65535.0), 0, 65535)
+    return scaled.astype(np.uint16)
+
+
+def save_map_png16(anomaly_map: np.ndarray, path: Path, full_scale: float) -> None:
+    """A 16-bit gray PNG of the map (see map_png16)."""
+    gray16 = map_png16(anomaly_map, full_scale)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(scaled.astype(np.uint16)).save(path)
+    Image.fromarray(gray16).save(path)

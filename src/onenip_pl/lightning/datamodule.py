@@ -23,13 +23,14 @@ from onenip_pl.data.datasets import (
     normal_train_index,
 )
 from onenip_pl.data.demo import generate_demo_dataset
+from onenip_pl.data.pose import POSE_MODES, LazyImages, PoseGrid, PoseState, decide_poses
 from onenip_pl.data.prompts import PROMPT_MODES
 from onenip_pl.data.readers import read_dataset
 from onenip_pl.data.records import ImageRecord
 from onenip_pl.data.samplers import EvalShardSampler, TrainShardSampler
 from onenip_pl.data.splits import NormalSplits, split_normals
 from onenip_pl.data.synthesis import AnomalySynthesizer, describe_texture_source, find_textures
-from onenip_pl.errors import ConfigError
+from onenip_pl.errors import ConfigError, check_choice
 from onenip_pl.lightning.resume import ResumableTrainLoader
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,13 @@ class OneNIPDataModule(LightningDataModule):
         cache_dir: str | None = None,
         check_decode: bool | str = "verify",
         demo_seed: int = 0,
+        pose: str = "fixed",
+        pose_per_category: Mapping[str, str] | None = None,
+        pose_angles: int = 36,
+        pose_mirror: bool = False,
+        pose_fill: str = "border",
+        pose_train: bool = True,
+        pose_train_prompts: int = 32,
     ) -> None:
         super().__init__()
         if image_size % 16 != 0 or image_size <= 0:
@@ -117,6 +125,15 @@ class OneNIPDataModule(LightningDataModule):
         self.cache_dir = cache_dir
         self.check_decode = check_decode
         self.demo_seed = demo_seed
+        check_choice("data.pose", pose, POSE_MODES)
+        if pose_train_prompts < 1:
+            raise ConfigError(f"data.pose_train_prompts={pose_train_prompts} must be at least 1")
+        self.pose = pose
+        self.pose_per_category = {str(k): str(v) for k, v in (pose_per_category or {}).items()}
+        self.pose_grid = PoseGrid(int(pose_angles), bool(pose_mirror), pose_fill)
+        self.pose_train = pose_train
+        self.pose_train_prompts = pose_train_prompts
+        self.pose_state: PoseState | None = None
         self.records: list[ImageRecord] = []
         self.splits = NormalSplits()
         self.train_source: ImageSource | None = None
@@ -157,6 +174,7 @@ class OneNIPDataModule(LightningDataModule):
             self.holdout_categories,
         )
         self.train_source = ImageSource(self.splits.pool, self.image_size, self.cache_images, self.cache_dir)
+        self.pose_state = self._decide_poses()
         trained = sum(r.category in self.splits.trained_categories for r in self.splits.pool)
         log.info(
             "Data: %s at %s, %d categories (%d trained on), %d training, %d validation, %d calibration and "
@@ -170,6 +188,42 @@ class OneNIPDataModule(LightningDataModule):
             len(self.splits.calibration),
             len(self.test_records),
         )
+
+    def _decide_poses(self) -> PoseState:
+        """Which categories turn their prompts (data.pose, data.pose_per_category), from each category's
+        normal training images only."""
+        pool = normal_train_index(self.train_source.records)
+        images = {
+            category: LazyImages(self.train_source.image, indices) for category, indices in pool.items()
+        }
+        state = decide_poses(
+            images, self.pose, self.pose_per_category, self.pose_grid, self.seed, self.category_names
+        )
+        log.info("Poses: %s", state.describe())
+        return state
+
+    def turned_training_prompts(self) -> dict[int, torch.Tensor]:
+        """Training prompts of rotating categories (data.pose_train): at most data.pose_train_prompts
+        normal images per category (a seeded draw), uint8 3×S×S by training-set index; the model turns and
+        encodes each once. Empty when no category rotates or pose_train is off."""
+        if not self.pose_train or self.pose_state is None:
+            return {}
+        chosen = {}
+        for indices in self._turned_prompt_pools().values():
+            for index in indices:
+                chosen[index] = torch.from_numpy(self.train_source.image(index)).permute(2, 0, 1)
+        return chosen
+
+    def _turned_prompt_pools(self) -> dict[str, list[int]]:
+        pools = {}
+        for category, indices in sorted(normal_train_index(self.train_source.records).items()):
+            if not self.pose_state.rotating(category):
+                continue
+            if len(indices) > self.pose_train_prompts:
+                rng = np.random.default_rng([self.seed, len(indices), 7])
+                indices = sorted(int(i) for i in rng.choice(indices, self.pose_train_prompts, replace=False))
+            pools[category] = list(indices)
+        return pools
 
     @property
     def val_records(self) -> list[ImageRecord]:
@@ -218,6 +272,7 @@ class OneNIPDataModule(LightningDataModule):
             self.seed,
             categories=self.splits.trained_categories,
             prompt_choice=self.train_prompt,
+            prompt_pools=self._turned_prompt_pools() if self.pose_train else None,
         )
         categories = [self.train_source.records[i].category for i in dataset.indices]
         shard = TrainShardSampler(categories, self.seed, rank, world, self.balance_categories)

@@ -29,7 +29,9 @@ from onenip_pl.checkpoint_format import (
     require_onenip_checkpoint,
     upgrade_checkpoint,
 )
+from onenip_pl.data.pose import PoseState, TurnedPromptCache, align_batch, align_prompts, turned_features
 from onenip_pl.data.prompts import PromptBank, batch_prompt_features
+from onenip_pl.errors import ConfigError
 from onenip_pl.lightning.feature_cache import FeatureCache
 from onenip_pl.lightning.interfaces import NormalImageSource, normal_image_source
 from onenip_pl.lightning.speedups import TrainingSpeedups
@@ -89,6 +91,10 @@ class OneNIPModule(LightningModule):
         self._set_fusion: TestSetFusion | None = None
         self._retrieval_bank: PromptBank | None = None
         self.speedups = TrainingSpeedups(feature_cache, feature_cache_dir, cpu_training_kernels, compile)
+        # which categories turn their prompts to the query's pose: the checkpoint's, else the datamodule's
+        self.pose_state: PoseState | None = None
+        self._turned_prompts = TurnedPromptCache()
+        self._training_turns: tuple[torch.Tensor, dict[int, int]] | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, **settings: Any) -> OneNIPModule:
@@ -97,6 +103,7 @@ class OneNIPModule(LightningModule):
         checkpoint = upgrade_checkpoint(read_checkpoint(path))
         require_onenip_checkpoint(checkpoint, path)
         module = cls(**{**checkpoint["hyper_parameters"], **NO_BACKBONE_WEIGHTS, **settings})
+        module._checkpoint_path = str(path)
         module.on_load_checkpoint(checkpoint)
         load_state(module, checkpoint["state_dict"], path)
         return module.eval()
@@ -117,6 +124,36 @@ class OneNIPModule(LightningModule):
 
     def on_train_start(self) -> None:
         self.speedups.check_training_set(self.net, self.trainer)
+        self._training_turns = None
+        images = getattr(self.trainer.datamodule, "turned_training_prompts", dict)()
+        if images and self.pose.rotating_categories:
+            indices = sorted(images)
+            stacked = torch.stack([images[i] for i in indices])
+            # float16 keeps the turned features of a category's pool small (R turns of each image)
+            turned = turned_features(self.net.extract_features, stacked, self.pose.grid, self.device)
+            self._training_turns = (turned.half(), {index: row for row, index in enumerate(indices)})
+            log.info(
+                "Turned training prompts: %d images x %d turns x %s features = %.0f MiB (float16)",
+                len(indices),
+                turned.shape[1],
+                "x".join(str(d) for d in turned.shape[2:]),
+                turned.numel() * 2 / 2**20,
+            )
+
+    def _align_training_prompts(
+        self, batch: dict[str, Any], query_features: torch.Tensor, prompt_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts of rotating categories turned to their query's pose, as the test turns them."""
+        if self._training_turns is None:
+            return prompt_features
+        turns, rows_of = self._training_turns
+        rows = [i for i, index in enumerate(batch["prompt_index"]) if int(index) in rows_of]
+        if not rows:
+            return prompt_features
+        posed = turns[[rows_of[int(batch["prompt_index"][i])] for i in rows]].to(prompt_features.dtype)
+        aligned = prompt_features.clone()
+        aligned[rows] = align_prompts(query_features[rows], posed[:, None])[0][:, 0]
+        return aligned
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self.speedups.prepare_batch(self.net, self._trainer, batch)
@@ -124,6 +161,7 @@ class OneNIPModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         features = self.speedups.triplet_features(self.net, self._trainer, batch)
         query_features, synthetic_features, prompt_features = features
+        prompt_features = self._align_training_prompts(batch, query_features, prompt_features)
         inputs = torch.cat([query_features, synthetic_features])
         reconstruction = self.net.reconstruct(inputs, prompt_features)
         logit = self.net.refine(reconstruction, inputs)
@@ -158,7 +196,35 @@ class OneNIPModule(LightningModule):
         prompt_features, retrieved = batch_prompt_features(
             self.net.extract_features, batch, query_features, self.retrieval_bank, exclude_self
         )
+        pose = self.pose
+        if retrieved is not None and any(pose.rotating(c) for c in retrieved):
+            raise ConfigError(
+                "data.test_prompt=retrieval does not turn prompts to the query's pose; for the rotating "
+                f"categories ({', '.join(pose.rotating_categories)}) use test_prompt=random|first|nearest"
+            )
+        if retrieved is None:
+            prompts = batch["prompt"].to(self.device)
+            prompt_features = align_batch(
+                query_features,
+                prompt_features,
+                prompts[:, None] if prompts.dim() == 4 else prompts,
+                batch["category"],
+                pose,
+                lambda images: self._turned_prompts.features(self.net.extract_features, images, pose.grid),
+            )
         return (*self.net.prompted_maps(query_features, prompt_features), retrieved)
+
+    @property
+    def pose(self) -> PoseState:
+        """Which categories turn their prompts: the checkpoint's decisions, else (a model being fitted or
+        tested fresh) the datamodule's, else none."""
+        if self.pose_state is None:
+            datamodule = self._trainer.datamodule if self._trainer is not None else None
+            decided = getattr(datamodule, "pose_state", None)
+            if decided is None:
+                return PoseState()
+            self.pose_state = decided
+        return self.pose_state
 
     def retrieval_bank(self) -> PromptBank:
         """The retrieval candidates, built once per test from the datamodule's normal training images."""
@@ -206,6 +272,7 @@ class OneNIPModule(LightningModule):
     def on_test_start(self) -> None:
         self.evaluator.reset()
         self._retrieval_bank = None
+        self._turned_prompts.clear()
         official = self.post_processor.uses_test_set
         self._set_fusion = TestSetFusion() if official else None
         if not official and not self.post_processor.calibrated:
@@ -243,6 +310,7 @@ class OneNIPModule(LightningModule):
         checkpoint["format_version"] = FORMAT_VERSION
         checkpoint["net_config"] = self.net_config
         checkpoint["prompt_bank"] = self.prompt_bank.to_state()
+        checkpoint["pose"] = self.pose.to_state()
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if key in checkpoint:
                 checkpoint[key] = plain_containers(checkpoint[key])
@@ -250,3 +318,5 @@ class OneNIPModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         upgrade_checkpoint(checkpoint)
         self.prompt_bank = PromptBank.from_state(checkpoint.get("prompt_bank"))
+        source = getattr(self, "_checkpoint_path", "being resumed")
+        self.pose_state = PoseState.from_checkpoint(checkpoint, source)
